@@ -1,0 +1,247 @@
+"""The one ``pathloop`` command: every subcommand of the loop, for people and schedulers.
+
+Bad input raises ``PathloopError``; ``main`` prints it as one line on stderr and exits 1,
+so scripts and cron see a non-zero status with a reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from store.errors import PathloopError
+
+DESCRIPTION = """pathloop: pathologist-in-the-loop synthetic histology.
+
+Slides are tiled into a workspace; a class-conditional diffusion model is trained on the
+tiles; pathologists rate generated tiles in the browser; a reward model learns their
+judgments; reward-weighted fine-tuning closes the loop."""
+
+
+def _workspace_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--workspace", "-w", metavar="DIR", default=None,
+        help="workspace folder (default: $PATHLOOP_WORKSPACE, else the current folder)",
+    )
+    return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return v
+
+
+def _open(args):
+    """The workspace and a checked engine for commands that use the database."""
+    from store.db import check_schema, make_engine
+    from store.workspace import Workspace
+
+    ws = Workspace.open(args.workspace)
+    engine = make_engine(ws.database_url)
+    check_schema(engine)
+    return ws, engine
+
+
+def _progress(desc: str, total: int):
+    from tqdm import tqdm
+
+    def wrap(it):
+        return tqdm(it, total=total, desc=desc, unit="tile", disable=None, leave=False)
+
+    return wrap
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_init(args) -> int:
+    from store.db import connect_check, make_engine, safe_url, upgrade
+    from store.workspace import SQLITE_FILE, Settings, Workspace
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else []
+    settings = Settings(classes=classes, tile_size=args.tile_size, database_url=args.database_url or "")
+    root = Path(args.dir).expanduser().resolve()
+    url = os.environ.get("PATHLOOP_DATABASE_URL") or settings.database_url or f"sqlite:///{root / SQLITE_FILE}"
+    if not url.startswith("sqlite"):
+        connect_check(make_engine(url))  # before writing anything
+    ws = Workspace.create(root, settings)
+    rev = upgrade(make_engine(ws.database_url))
+    print(f"initialised workspace {ws.root} (database {safe_url(ws.database_url)}, schema {rev})")
+    if not classes:
+        print(f"next: list your classes in {ws.root / 'pathloop.toml'}")
+    return 0
+
+
+def cmd_db(args) -> int:
+    from store.db import current_revision, head_revision, make_engine, safe_url, upgrade
+    from store.workspace import Workspace
+
+    ws = Workspace.open(args.workspace)
+    engine = make_engine(ws.database_url)
+    if args.db_command == "upgrade":
+        before = _quiet_revision(engine)
+        after = upgrade(engine)
+        print(f"database {safe_url(ws.database_url)}: schema {before or 'empty'} -> {after}")
+    else:
+        from store.db import connect_check
+
+        connect_check(engine)
+        print(f"database {safe_url(ws.database_url)}: schema {current_revision(engine) or 'empty'} "
+              f"(this pathloop: {head_revision()})")
+    return 0
+
+
+def _quiet_revision(engine):
+    from store.db import connect_check, current_revision
+
+    connect_check(engine)
+    return current_revision(engine)
+
+
+def cmd_demo_slide(args) -> int:
+    from pathloop.demo import write_demo_slide
+
+    tiff, geojson = write_demo_slide(Path(args.out))
+    print(f"wrote {tiff} and {geojson}")
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from store.ingest import ingest_slides
+
+    ws, engine = _open(args)
+    results = ingest_slides(
+        ws, engine, args.slides, class_name=args.class_name,
+        labels=Path(args.labels) if args.labels else None,
+        regions=Path(args.regions) if args.regions else None,
+        tile_size=args.tile_size, level=args.level, mpp=args.mpp, stride=args.stride,
+        min_tissue=args.min_tissue, workers=args.workers, split_by=args.split_by, seed=args.seed,
+        progress=_progress,
+    )
+    for r in results:
+        classes = ", ".join(f"{c} {n}" for c, n in sorted(r.per_class.items())) or "-"
+        splits = ", ".join(f"{s} {n}" for s, n in sorted(r.per_split.items())) or "-"
+        again = "" if r.new_source else " (slide already in the workspace)"
+        print(f"{r.source}: {r.tiles_added} tiles added, {r.tiles_skipped} already there{again}; "
+              f"classes: {classes}; splits: {splits}")
+    return 0
+
+
+def cmd_import_tiles(args) -> int:
+    from store.ingest import import_tiles
+
+    ws, engine = _open(args)
+    r = import_tiles(ws, engine, Path(args.folder), seed=args.seed)
+    classes = ", ".join(f"{c} {n}" for c, n in sorted(r.per_class.items())) or "-"
+    print(f"{r.source}: {r.tiles_added} tiles added, {r.tiles_skipped} already there; classes: {classes}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from store.db import safe_url
+    from store.status import format_status, workspace_status
+
+    ws, engine = _open(args)
+    st = workspace_status(engine, ws.settings.classes)
+    if args.json:
+        print(json.dumps({"workspace": str(ws.root), "database": safe_url(ws.database_url), **st}, indent=2))
+    else:
+        print(format_status(st, str(ws.root), safe_url(ws.database_url)))
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ws = _workspace_parent()
+    parser = argparse.ArgumentParser(prog="pathloop", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("init", help="create a workspace: pathloop.toml, database, folders",
+                       description="Create a workspace folder with commented settings, the database and folders.")
+    p.add_argument("dir", metavar="DIR", help="folder to create (may exist, must not be a workspace yet)")
+    p.add_argument("--classes", metavar="A,B,...", help="comma-separated tile classes")
+    p.add_argument("--tile-size", type=_positive_int, default=256, metavar="N",
+                   help="edge of every stored tile in pixels (default 256)")
+    p.add_argument("--database-url", metavar="URL",
+                   help="postgresql+psycopg://USER@HOST/DB for a multi-user lab (default: SQLite in DIR)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("db", help="database schema: upgrade or show the current revision", parents=[ws],
+                       description="Create or upgrade the workspace's database schema (Alembic).")
+    p.add_argument("db_command", choices=["upgrade", "current"], help="upgrade to this pathloop's schema, or show it")
+    p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser("demo-slide", help="write the demo slide (real IHC tissue) and its QuPath regions",
+                       description="Write scikit-image's immunohistochemistry image as a tiled pyramidal TIFF "
+                                   "that OpenSlide opens, and OUT.geojson classing its tissue by DAB stain.")
+    p.add_argument("out", metavar="OUT.tiff")
+    p.set_defaults(func=cmd_demo_slide)
+
+    p = sub.add_parser("ingest", help="tile whole-slide images into the workspace", parents=[ws],
+                       description="Find tissue, walk the tile grid, store class-labelled tiles with their "
+                                   "coordinates and train/val/test splits. Re-ingesting a slide adds nothing.")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files OpenSlide can open")
+    label = p.add_mutually_exclusive_group(required=True)
+    label.add_argument("--class", dest="class_name", metavar="NAME", help="one class for every tile")
+    label.add_argument("--labels", metavar="slides.csv", help="CSV with columns slide,class")
+    label.add_argument("--regions", metavar="FILE.geojson",
+                       help="QuPath GeoJSON regions (a file, or a folder of SLIDE_STEM.geojson); "
+                            "a tile takes the class covering most of it, tiles outside every region are dropped")
+    p.add_argument("--tile-size", type=_positive_int, metavar="N",
+                   help="tile edge read from the slide, in pixels of the level read "
+                        "(default: the workspace tile_size); tiles are stored at the workspace tile_size")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--level", type=int, metavar="L", help="pyramid level to read (default 0)")
+    where.add_argument("--mpp", type=float, metavar="M", help="target microns per pixel (needs slide mpp metadata)")
+    p.add_argument("--stride", type=_positive_int, metavar="S", help="grid step in level pixels (default: tile size)")
+    p.add_argument("--min-tissue", type=float, default=0.5, metavar="F",
+                   help="drop tiles whose tissue fraction is below F (default 0.5)")
+    p.add_argument("--split-by", choices=["auto", "slide", "blocks"], default="auto",
+                   help="group splits by slide, or by spatial blocks within a slide "
+                        "(auto: by slide when 3 or more slides are given)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="worker processes reading tiles (default 0: one per core)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split assignment (default 0)")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("import-tiles", help="import an ImageFolder tree of tiles (FOLDER/CLASS/*.png)",
+                       parents=[ws], description="Import existing crops: FOLDER/CLASS/*.png, or "
+                                                 "FOLDER/{train,val,test}/CLASS/*.png to keep your own splits.")
+    p.add_argument("folder", metavar="FOLDER")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split assignment (default 0)")
+    p.set_defaults(func=cmd_import_tiles)
+
+    p = sub.add_parser("status", help="what the workspace holds", parents=[ws],
+                       description="Counts of slides, tiles per class and split, samples, judgments, versions.")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except PathloopError as e:
+        print(f"pathloop: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pathloop: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Demo slides from scikit-image's bundled immunohistochemistry image: real tissue, no downloads.
+
+``write_demo_slide`` writes a small pyramidal TIFF OpenSlide reads, plus a QuPath-style
+GeoJSON that labels tissue ``dab_positive`` / ``dab_negative`` by colour deconvolution.
+``write_large_pyramid`` writes a big slide tile by tile, for benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import shapely
+import tifffile
+from skimage import color, data, filters
+
+from store.errors import PathloopError
+from store.slides import rgb_tissue_mask
+
+CLASS_COLORS = {"dab_positive": (153, 102, 51), "dab_negative": (68, 114, 196)}
+SOURCE_SIZE = 512  # skimage.data.immunohistochemistry() is 512x512 RGB
+
+
+def _check_out(out_tiff) -> Path:
+    out = Path(out_tiff)
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        raise PathloopError(f"{out} must end in .tif or .tiff")
+    if not out.parent.is_dir():
+        raise PathloopError(f"folder {out.parent} does not exist (for {out.name})")
+    return out
+
+
+def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``target``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _downsample(rgb: np.ndarray, factor: int) -> np.ndarray:
+    """Box-average an ``(H, W, 3)`` uint8 image whose sides divide by ``factor``."""
+    h, w, c = rgb.shape
+    blocks = rgb.reshape(h // factor, factor, w // factor, factor, c).astype(np.float32)
+    return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
+
+
+def stain_masks(rgb: np.ndarray) -> dict[str, np.ndarray]:
+    """``(H, W)`` bool masks of DAB-positive and DAB-negative tissue in an ``(H, W, 3)`` IHC image."""
+    tissue = rgb_tissue_mask(rgb)
+    # Smoothed so classes form regions (glands, stroma) rather than single membranes.
+    dab = filters.gaussian(color.rgb2hed(rgb)[..., 2], sigma=4)
+    positive = tissue & (dab > filters.threshold_otsu(dab[tissue]))
+    return {"dab_positive": positive, "dab_negative": tissue & ~positive}
+
+
+def mask_to_geometry(mask: np.ndarray, cell: int = 4) -> shapely.Geometry:
+    """Polygon or MultiPolygon (with holes) covering a ``(H, W)`` bool mask, in its pixel coordinates.
+
+    The mask is reduced to ``cell``-px squares (majority vote), each row's runs become
+    rectangles, and their union is lightly simplified.
+    """
+    h, w = mask.shape
+    padded = np.zeros((math.ceil(h / cell) * cell, math.ceil(w / cell) * cell), bool)
+    padded[:h, :w] = mask
+    coarse = padded.reshape(padded.shape[0] // cell, cell, padded.shape[1] // cell, cell).mean((1, 3)) >= 0.5
+    boxes = []
+    for row, line in enumerate(coarse):
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], line.astype(np.int8), [0]])))
+        for x0, x1 in zip(edges[::2], edges[1::2]):
+            boxes.append(shapely.box(x0 * cell, row * cell, min(x1 * cell, w), min((row + 1) * cell, h)))
+    geometry = shapely.union_all(boxes).simplify(cell / 2, preserve_topology=True)
+    return geometry if geometry.is_valid else shapely.make_valid(geometry)
+
+
+def _feature(name: str, geometry: shapely.Geometry) -> dict:
+    return {
+        "type": "Feature",
+        # Deterministic ids: the demo files are byte-identical on every run.
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"pathloop-demo/{name}")),
+        "geometry": json.loads(shapely.to_geojson(geometry)),
+        "properties": {
+            "objectType": "annotation",
+            "classification": {"name": name, "color": list(CLASS_COLORS[name])},
+        },
+    }
+
+
+def write_demo_slide(out_tiff) -> tuple[Path, Path]:
+    """Write the 512x512 IHC image as a 3-level tiled TIFF and its stain regions beside it.
+
+    Returns ``(tiff path, geojson path)``; the GeoJSON has the same stem. No mpp is written
+    because the source does not state one.
+    """
+    out = _check_out(out_tiff)
+    rgb = data.immunohistochemistry()
+
+    def write_tiff(tmp: Path) -> None:
+        with tifffile.TiffWriter(tmp) as tif:
+            for i, factor in enumerate((1, 2, 4)):
+                tif.write(
+                    _downsample(rgb, factor),
+                    tile=(128, 128),
+                    photometric="rgb",
+                    compression="zlib",
+                    predictor=True,
+                    subfiletype=0 if i == 0 else 1,
+                )
+
+    features = [_feature(name, mask_to_geometry(mask)) for name, mask in stain_masks(rgb).items()]
+    geojson = out.with_suffix(".geojson")
+    _write_atomically(out, write_tiff)
+    _write_atomically(
+        geojson, lambda tmp: tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    )
+    return out, geojson
+
+
+def _dihedral(rgb: np.ndarray, k: int) -> np.ndarray:
+    """One of the 8 rotations/flips of a square image."""
+    turned = np.rot90(rgb, k % 4)
+    return np.ascontiguousarray(turned[:, ::-1] if k >= 4 else turned)
+
+
+def _pattern_tiles(cells: list[np.ndarray], kinds: np.ndarray, size: int, tile: int) -> Iterator[np.ndarray]:
+    """``(tile, tile, 3)`` tiles, row by row, of a ``size``-px plane laid with ``cells[kinds[row, col]]``."""
+    c = cells[0].shape[0]
+    for y0 in range(0, size, tile):
+        for x0 in range(0, size, tile):
+            out = np.empty((tile, tile, 3), np.uint8)
+            for cy in range(y0 // c, (y0 + tile - 1) // c + 1):
+                for cx in range(x0 // c, (x0 + tile - 1) // c + 1):
+                    ya, yb = max(y0, cy * c), min(y0 + tile, (cy + 1) * c)
+                    xa, xb = max(x0, cx * c), min(x0 + tile, (cx + 1) * c)
+                    cell = cells[kinds[cy % kinds.shape[0], cx % kinds.shape[1]]]
+                    out[ya - y0 : yb - y0, xa - x0 : xb - x0] = cell[ya - cy * c : yb - cy * c, xa - cx * c : xb - cx * c]
+            yield out
+
+
+def write_large_pyramid(out_tiff, size: int = 20000, tile: int = 256, mpp: float = 0.5) -> Path:
+    """Write a ``size`` x ``size`` pyramidal TIFF of randomly flipped IHC cells, tile by tile.
+
+    Levels are 4x apart down to about one tile; resolution tags make OpenSlide report ``mpp``.
+    Memory stays at a few tiles whatever the size.
+    """
+    out = _check_out(out_tiff)
+    if size < tile or tile % 16:
+        raise PathloopError(f"size {size} and tile {tile}: expected size >= tile and tile a multiple of 16")
+    source = data.immunohistochemistry()
+    n_cells = math.ceil(size / SOURCE_SIZE) + 1
+    kinds = np.random.default_rng(0).integers(0, 8, (n_cells, n_cells))
+    factors = [4**i for i in range(5) if 4**i <= SOURCE_SIZE and math.ceil(size / 4**i) >= tile]
+    pixels_per_cm = 1e4 / mpp
+
+    def write_tiff(tmp: Path) -> None:
+        with tifffile.TiffWriter(tmp, bigtiff=size * size * 3 > 2**31) as tif:
+            for i, factor in enumerate(factors):
+                # Box-averaging commutes with the flips, so each level lays out downsampled cells.
+                cells = [_dihedral(_downsample(source, factor), k) for k in range(8)]
+                side = math.ceil(size / factor)
+                tif.write(
+                    _pattern_tiles(cells, kinds, side, tile),
+                    shape=(side, side, 3),
+                    dtype=np.uint8,
+                    tile=(tile, tile),
+                    photometric="rgb",
+                    compression="zlib",
+                    compressionargs={"level": 1},
+                    subfiletype=0 if i == 0 else 1,
+                    resolution=(pixels_per_cm / factor, pixels_per_cm / factor),
+                    resolutionunit="CENTIMETER",
+                )
+
+    _write_atomically(out, write_tiff)
+    return out

@@ -1,0 +1,217 @@
+"""Every table pathloop stores, in one file (DESIGN.md, "Data model").
+
+Judgments are append-only: an edit or an undo adds a row whose ``supersedes_id`` names
+the row it replaces. Class names are stored as the names from ``pathloop.toml`` rather
+than indices, so reordering the class list never relabels data.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from sqlalchemy import JSON, BigInteger, CheckConstraint, Column, DateTime, MetaData, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+# Named constraints, so Alembic can alter them later (SQLite batch mode needs the names).
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata: MetaData = SQLModel.metadata
+
+SPLITS = ("train", "val", "test")
+ROLES = ("annotator", "admin")
+VERDICTS = ("plausible", "implausible", "unsure", "retracted")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _created() -> Any:
+    return Field(default_factory=utcnow, sa_type=DateTime(timezone=True), nullable=False)
+
+
+class Slide(SQLModel, table=True):
+    """A whole-slide image file that tiles were cut from."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    path: str
+    sha256: str = Field(unique=True, index=True)
+    vendor: Optional[str] = None
+    mpp: Optional[float] = None
+    width: int
+    height: int
+    label: Optional[str] = None
+    # Set when the whole slide went to one split (split by slide); None when split by blocks.
+    split: Optional[str] = None
+    created_at: datetime = _created()
+
+
+class Image(SQLModel, table=True):
+    """One content-addressed PNG under the workspace's images/ folder."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    sha256: str = Field(unique=True, index=True)
+    width: int
+    height: int
+    path: str
+
+
+class Tile(SQLModel, table=True):
+    """A real, class-labelled tile: from a slide (level-0 coordinates) or a folder import."""
+
+    __table_args__ = (UniqueConstraint("slide_id", "level", "x", "y", "extent", name="uq_tile_grid"),)
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    image_id: int = Field(foreign_key="image.id", index=True)
+    slide_id: Optional[int] = Field(default=None, foreign_key="slide.id", index=True)
+    level: Optional[int] = None
+    x: Optional[int] = None
+    y: Optional[int] = None
+    extent: Optional[int] = None  # level-0 pixels the tile covers
+    tissue: Optional[float] = None
+    class_name: str = Field(index=True)
+    split: str = Field(index=True)
+    created_at: datetime = _created()
+
+
+class GeneratorVersion(SQLModel, table=True):
+    """A diffusion model folder in the diffusers save_pretrained layout."""
+
+    __tablename__ = "generator_version"
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    folder: str
+    parent_id: Optional[int] = Field(default=None, foreign_key="generator_version.id")
+    round_number: Optional[int] = None
+    kind: str = "pretrained"  # pretrained | imported | finetuned
+    config: dict = Field(default_factory=dict, sa_type=JSON)
+    created_at: datetime = _created()
+
+
+class Sample(SQLModel, table=True):
+    """A synthetic tile and exactly how it was generated."""
+
+    __table_args__ = (
+        UniqueConstraint(
+            "generator_id", "class_name", "seed", "sampler", "steps", "guidance", name="uq_sample_recipe"
+        ),
+    )
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    image_id: int = Field(foreign_key="image.id", index=True)
+    generator_id: int = Field(foreign_key="generator_version.id", index=True)
+    class_name: str = Field(index=True)
+    seed: int = Field(sa_type=BigInteger)
+    sampler: str
+    steps: int
+    guidance: float = 0.0
+    round_number: Optional[int] = Field(default=None, index=True)
+    created_at: datetime = _created()
+
+
+class Annotator(SQLModel, table=True):
+    """A person (or a simulated rater) who judges tiles. Only a password hash is stored."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    username: str = Field(unique=True, index=True)
+    role: str = "annotator"
+    password_hash: Optional[str] = None
+    email: Optional[str] = Field(default=None, unique=True)
+    active: bool = True
+    created_at: datetime = _created()
+
+
+class Lease(SQLModel, table=True):
+    """An item reserved for one annotator until ``expires_at``."""
+
+    __table_args__ = (
+        CheckConstraint("(sample_id IS NULL) <> (tile_id IS NULL)", name="one_item"),
+    )
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    annotator_id: int = Field(foreign_key="annotator.id", index=True)
+    sample_id: Optional[int] = Field(default=None, foreign_key="sample.id", index=True)
+    tile_id: Optional[int] = Field(default=None, foreign_key="tile.id", index=True)
+    expires_at: datetime = Field(sa_type=DateTime(timezone=True), index=True)
+    created_at: datetime = _created()
+
+
+class Judgment(SQLModel, table=True):
+    """One append-only verdict on a sample or a blind control tile."""
+
+    __table_args__ = (
+        UniqueConstraint("annotator_id", "request_id", name="uq_judgment_request"),
+        CheckConstraint("(sample_id IS NULL) <> (tile_id IS NULL)", name="one_item"),
+    )
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    sample_id: Optional[int] = Field(default=None, foreign_key="sample.id", index=True)
+    tile_id: Optional[int] = Field(default=None, foreign_key="tile.id", index=True)
+    annotator_id: int = Field(foreign_key="annotator.id", index=True)
+    verdict: str
+    reasons: list = Field(default_factory=list, sa_type=JSON)
+    comment: str = ""
+    seconds: Optional[float] = None
+    request_id: str
+    supersedes_id: Optional[int] = Field(default=None, foreign_key="judgment.id", index=True)
+    created_at: datetime = _created()
+
+
+class RewardVersion(SQLModel, table=True):
+    """A trained reward model folder and what it was trained on."""
+
+    __tablename__ = "reward_version"
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    backbone: str
+    folder: str
+    metrics: dict = Field(default_factory=dict, sa_type=JSON)
+    config: dict = Field(default_factory=dict, sa_type=JSON)
+    data_manifest: dict = Field(default_factory=dict, sa_type=JSON)
+    created_at: datetime = _created()
+
+
+class RewardScore(SQLModel, table=True):
+    """p(plausible) for one sample under one reward version."""
+
+    __tablename__ = "reward_score"
+    __table_args__ = (UniqueConstraint("sample_id", "reward_id", name="uq_reward_score"),)
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    sample_id: int = Field(foreign_key="sample.id", index=True)
+    reward_id: int = Field(foreign_key="reward_version.id", index=True)
+    probability: float
+    created_at: datetime = _created()
+
+
+class Round(SQLModel, table=True):
+    """One turn of the loop, as a resumable state machine with a lock."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    number: int = Field(unique=True)
+    state: str = "generating"
+    generator_in_id: Optional[int] = Field(default=None, foreign_key="generator_version.id")
+    reward_id: Optional[int] = Field(default=None, foreign_key="reward_version.id")
+    generator_out_id: Optional[int] = Field(default=None, foreign_key="generator_version.id")
+    details: dict = Field(default_factory=dict, sa_type=JSON)
+    lock_owner: Optional[str] = None
+    lock_expires_at: Optional[datetime] = Field(default=None, sa_type=DateTime(timezone=True))
+    created_at: datetime = _created()
+    updated_at: datetime = _created()
+    finished_at: Optional[datetime] = Field(default=None, sa_type=DateTime(timezone=True))
+
+
+class Evaluation(SQLModel, table=True):
+    """Metrics of one generator version, written by ``pathloop evaluate``."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    generator_id: int = Field(foreign_key="generator_version.id", index=True)
+    metrics: dict = Field(default_factory=dict, sa_type=JSON)
+    plots: list = Field(default_factory=list, sa_type=JSON)
+    created_at: datetime = _created()
