@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,13 +37,13 @@ def _check_out(out_tiff) -> Path:
 
 def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``target``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
-    os.close(fd)
+    # Not mkstemp: its files are private (0600); these should get the usual umask permissions.
+    tmp = target.with_name(f".tmp-{uuid.uuid4().hex}-{target.name}")
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -143,7 +142,8 @@ def _pattern_tiles(cells: list[np.ndarray], kinds: np.ndarray, size: int, tile: 
                     ya, yb = max(y0, cy * c), min(y0 + tile, (cy + 1) * c)
                     xa, xb = max(x0, cx * c), min(x0 + tile, (cx + 1) * c)
                     cell = cells[kinds[cy % kinds.shape[0], cx % kinds.shape[1]]]
-                    out[ya - y0 : yb - y0, xa - x0 : xb - x0] = cell[ya - cy * c : yb - cy * c, xa - cx * c : xb - cx * c]
+                    part = cell[ya - cy * c : yb - cy * c, xa - cx * c : xb - cx * c]
+                    out[ya - y0 : yb - y0, xa - x0 : xb - x0] = part
             yield out
 
 

@@ -8,9 +8,9 @@ database that a newer pathloop has migrated past what this code knows.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from alembic import command
 from alembic.config import Config

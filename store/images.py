@@ -21,6 +21,15 @@ from PIL import Image as PILImage
 from store.errors import PathloopError
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 @dataclass(frozen=True)
 class EncodedImage:
     """An RGB image ready to store: pixel hash, size and PNG bytes."""
@@ -75,6 +84,7 @@ class ImageStore:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(image.png)
+            os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; images are shared with the lab's app
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -12,18 +12,19 @@ import csv
 import hashlib
 import random
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
-from PIL import Image as PILImage, UnidentifiedImageError
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from store import slides
 from store.errors import PathloopError
-from store.images import EncodedImage, encode, relative_path
+from store.images import encode, relative_path
 from store.models import SPLITS, Image, Slide, Tile
 from store.workspace import Workspace
 
@@ -215,12 +216,16 @@ def _write_slide(ws, engine, job: SlideJob, assigned, existing: Slide | None, wh
         encoded = progress(f"{job.path.name}", len(todo))(encoded)
     written: list[str] = []
     try:
-        rows: list[tuple[slides.TileSpec, str, EncodedImage]] = []
+        # Files are written as tiles arrive; only their hashes wait for the commit, so memory
+        # stays flat however large the slide.
+        rows: list[tuple[slides.TileSpec, str, str]] = []
+        sizes: dict[str, tuple[int, int]] = {}
         for spec, enc in encoded:
             rel, new = ws.images.put(enc)
             if new:
                 written.append(rel)
-            rows.append((spec, split_of[id(spec)], enc))
+            rows.append((spec, split_of[id(spec)], enc.sha256))
+            sizes[enc.sha256] = (enc.width, enc.height)
         with Session(engine) as s:
             slide = existing or Slide(
                 path=str(job.path.resolve()), sha256=job.info.sha256, vendor=job.info.vendor, mpp=job.info.mpp,
@@ -230,9 +235,9 @@ def _write_slide(ws, engine, job: SlideJob, assigned, existing: Slide | None, wh
                 slide = s.merge(existing)
             s.add(slide)
             s.flush()
-            image_ids = _image_ids(s, [enc for _, _, enc in rows])
-            for spec, split, enc in rows:
-                s.add(Tile(image_id=image_ids[enc.sha256], slide_id=slide.id, level=spec.level, x=spec.x, y=spec.y,
+            image_ids = _image_ids(s, sizes)
+            for spec, split, sha in rows:
+                s.add(Tile(image_id=image_ids[sha], slide_id=slide.id, level=spec.level, x=spec.x, y=spec.y,
                            extent=spec.extent, tissue=round(float(spec.tissue), 4), class_name=spec.class_name,
                            split=split))
                 result.per_class[spec.class_name] += 1
@@ -245,15 +250,15 @@ def _write_slide(ws, engine, job: SlideJob, assigned, existing: Slide | None, wh
     return result
 
 
-def _image_ids(s: Session, encs: list[EncodedImage]) -> dict[str, int]:
-    """Image row ids for these pixel hashes, inserting the ones the store lacks."""
-    shas = list({e.sha256: e for e in encs}.items())
+def _image_ids(s: Session, sizes: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """Image row ids for these pixel hashes (hash → (width, height)), inserting missing ones."""
+    shas = list(sizes)
     ids: dict[str, int] = {}
     for i in range(0, len(shas), 500):
-        chunk = [sha for sha, _ in shas[i:i + 500]]
+        chunk = shas[i:i + 500]
         ids.update(dict(s.exec(select(Image.sha256, Image.id).where(Image.sha256.in_(chunk))).all()))
-    new = [Image(sha256=sha, width=e.width, height=e.height, path=relative_path(sha))
-           for sha, e in shas if sha not in ids]
+    new = [Image(sha256=sha, width=sizes[sha][0], height=sizes[sha][1], path=relative_path(sha))
+           for sha in shas if sha not in ids]
     s.add_all(new)
     s.flush()
     ids.update({im.sha256: im.id for im in new})
@@ -303,7 +308,7 @@ def import_tiles(ws: Workspace, engine: Engine, folder: Path, seed: int = 0) -> 
     written: list[str] = []
     try:
         with Session(engine) as s:
-            image_ids = _image_ids(s, [e for _, _, e in encoded])
+            image_ids = _image_ids(s, {e.sha256: (e.width, e.height) for _, _, e in encoded})
             have = set(s.exec(select(Tile.image_id, Tile.class_name).where(
                 Tile.slide_id.is_(None), Tile.image_id.in_(list(image_ids.values())))).all())
             for split, cls, enc in encoded:

@@ -7,10 +7,10 @@ than indices, so reordering the class list never relabels data.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Optional
+from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import JSON, BigInteger, CheckConstraint, Column, DateTime, MetaData, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, CheckConstraint, DateTime, MetaData, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # Named constraints, so Alembic can alter them later (SQLite batch mode needs the names).
@@ -29,7 +29,7 @@ VERDICTS = ("plausible", "implausible", "unsure", "retracted")
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _created() -> Any:
@@ -39,23 +39,23 @@ def _created() -> Any:
 class Slide(SQLModel, table=True):
     """A whole-slide image file that tiles were cut from."""
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     path: str
     sha256: str = Field(unique=True, index=True)
-    vendor: Optional[str] = None
-    mpp: Optional[float] = None
+    vendor: str | None = None
+    mpp: float | None = None
     width: int
     height: int
-    label: Optional[str] = None
+    label: str | None = None
     # Set when the whole slide went to one split (split by slide); None when split by blocks.
-    split: Optional[str] = None
+    split: str | None = None
     created_at: datetime = _created()
 
 
 class Image(SQLModel, table=True):
     """One content-addressed PNG under the workspace's images/ folder."""
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     sha256: str = Field(unique=True, index=True)
     width: int
     height: int
@@ -67,14 +67,14 @@ class Tile(SQLModel, table=True):
 
     __table_args__ = (UniqueConstraint("slide_id", "level", "x", "y", "extent", name="uq_tile_grid"),)
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     image_id: int = Field(foreign_key="image.id", index=True)
-    slide_id: Optional[int] = Field(default=None, foreign_key="slide.id", index=True)
-    level: Optional[int] = None
-    x: Optional[int] = None
-    y: Optional[int] = None
-    extent: Optional[int] = None  # level-0 pixels the tile covers
-    tissue: Optional[float] = None
+    slide_id: int | None = Field(default=None, foreign_key="slide.id", index=True)
+    level: int | None = None
+    x: int | None = None
+    y: int | None = None
+    extent: int | None = None  # level-0 pixels the tile covers
+    tissue: float | None = None
     class_name: str = Field(index=True)
     split: str = Field(index=True)
     created_at: datetime = _created()
@@ -85,10 +85,10 @@ class GeneratorVersion(SQLModel, table=True):
 
     __tablename__ = "generator_version"
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     folder: str
-    parent_id: Optional[int] = Field(default=None, foreign_key="generator_version.id")
-    round_number: Optional[int] = None
+    parent_id: int | None = Field(default=None, foreign_key="generator_version.id")
+    round_number: int | None = None
     kind: str = "pretrained"  # pretrained | imported | finetuned
     config: dict = Field(default_factory=dict, sa_type=JSON)
     created_at: datetime = _created()
@@ -103,7 +103,7 @@ class Sample(SQLModel, table=True):
         ),
     )
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     image_id: int = Field(foreign_key="image.id", index=True)
     generator_id: int = Field(foreign_key="generator_version.id", index=True)
     class_name: str = Field(index=True)
@@ -111,18 +111,18 @@ class Sample(SQLModel, table=True):
     sampler: str
     steps: int
     guidance: float = 0.0
-    round_number: Optional[int] = Field(default=None, index=True)
+    round_number: int | None = Field(default=None, index=True)
     created_at: datetime = _created()
 
 
 class Annotator(SQLModel, table=True):
     """A person (or a simulated rater) who judges tiles. Only a password hash is stored."""
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     username: str = Field(unique=True, index=True)
     role: str = "annotator"
-    password_hash: Optional[str] = None
-    email: Optional[str] = Field(default=None, unique=True)
+    password_hash: str | None = None
+    email: str | None = Field(default=None, unique=True)
     active: bool = True
     created_at: datetime = _created()
 
@@ -134,10 +134,10 @@ class Lease(SQLModel, table=True):
         CheckConstraint("(sample_id IS NULL) <> (tile_id IS NULL)", name="one_item"),
     )
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     annotator_id: int = Field(foreign_key="annotator.id", index=True)
-    sample_id: Optional[int] = Field(default=None, foreign_key="sample.id", index=True)
-    tile_id: Optional[int] = Field(default=None, foreign_key="tile.id", index=True)
+    sample_id: int | None = Field(default=None, foreign_key="sample.id", index=True)
+    tile_id: int | None = Field(default=None, foreign_key="tile.id", index=True)
     expires_at: datetime = Field(sa_type=DateTime(timezone=True), index=True)
     created_at: datetime = _created()
 
@@ -150,16 +150,16 @@ class Judgment(SQLModel, table=True):
         CheckConstraint("(sample_id IS NULL) <> (tile_id IS NULL)", name="one_item"),
     )
 
-    id: Optional[int] = Field(default=None, primary_key=True)
-    sample_id: Optional[int] = Field(default=None, foreign_key="sample.id", index=True)
-    tile_id: Optional[int] = Field(default=None, foreign_key="tile.id", index=True)
+    id: int | None = Field(default=None, primary_key=True)
+    sample_id: int | None = Field(default=None, foreign_key="sample.id", index=True)
+    tile_id: int | None = Field(default=None, foreign_key="tile.id", index=True)
     annotator_id: int = Field(foreign_key="annotator.id", index=True)
     verdict: str
     reasons: list = Field(default_factory=list, sa_type=JSON)
     comment: str = ""
-    seconds: Optional[float] = None
+    seconds: float | None = None
     request_id: str
-    supersedes_id: Optional[int] = Field(default=None, foreign_key="judgment.id", index=True)
+    supersedes_id: int | None = Field(default=None, foreign_key="judgment.id", index=True)
     created_at: datetime = _created()
 
 
@@ -168,7 +168,7 @@ class RewardVersion(SQLModel, table=True):
 
     __tablename__ = "reward_version"
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     backbone: str
     folder: str
     metrics: dict = Field(default_factory=dict, sa_type=JSON)
@@ -183,7 +183,7 @@ class RewardScore(SQLModel, table=True):
     __tablename__ = "reward_score"
     __table_args__ = (UniqueConstraint("sample_id", "reward_id", name="uq_reward_score"),)
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     sample_id: int = Field(foreign_key="sample.id", index=True)
     reward_id: int = Field(foreign_key="reward_version.id", index=True)
     probability: float
@@ -193,24 +193,24 @@ class RewardScore(SQLModel, table=True):
 class Round(SQLModel, table=True):
     """One turn of the loop, as a resumable state machine with a lock."""
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     number: int = Field(unique=True)
     state: str = "generating"
-    generator_in_id: Optional[int] = Field(default=None, foreign_key="generator_version.id")
-    reward_id: Optional[int] = Field(default=None, foreign_key="reward_version.id")
-    generator_out_id: Optional[int] = Field(default=None, foreign_key="generator_version.id")
+    generator_in_id: int | None = Field(default=None, foreign_key="generator_version.id")
+    reward_id: int | None = Field(default=None, foreign_key="reward_version.id")
+    generator_out_id: int | None = Field(default=None, foreign_key="generator_version.id")
     details: dict = Field(default_factory=dict, sa_type=JSON)
-    lock_owner: Optional[str] = None
-    lock_expires_at: Optional[datetime] = Field(default=None, sa_type=DateTime(timezone=True))
+    lock_owner: str | None = None
+    lock_expires_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
     created_at: datetime = _created()
     updated_at: datetime = _created()
-    finished_at: Optional[datetime] = Field(default=None, sa_type=DateTime(timezone=True))
+    finished_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
 
 
 class Evaluation(SQLModel, table=True):
     """Metrics of one generator version, written by ``pathloop evaluate``."""
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     generator_id: int = Field(foreign_key="generator_version.id", index=True)
     metrics: dict = Field(default_factory=dict, sa_type=JSON)
     plots: list = Field(default_factory=list, sa_type=JSON)

@@ -7,10 +7,10 @@ glue stores them. Coordinates are level-0 pixels unless a name says otherwise.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +19,30 @@ import numpy as np
 import openslide
 import shapely
 from PIL import Image
-from scipy import ndimage
 from skimage import color, filters
 
 from store.errors import PathloopError
 from store.images import EncodedImage, encode
+from store.regions import load_regions, region_coverage
+
+__all__ = [
+    "SlideInfo",
+    "TileSpec",
+    "assign_block_splits",
+    "file_sha256",
+    "load_regions",
+    "open_slide",
+    "plan_tiles",
+    "read_tiles",
+    "rgb_tissue_mask",
+    "slide_info",
+    "tissue_mask",
+]
 
 # Saturation of bare glass is ~0.008 (measured on the scikit-image IHC lumen); pale stroma
-# sits at ~0.03. Otsu on a slide that is nearly all tissue splits brown from blue tissue
-# (0.26 on the IHC image), so the threshold is capped just above glass and floored at it.
+# sits at ~0.03. On a slide that is nearly all tissue, Otsu splits brown from blue tissue
+# (0.26 on the IHC image), so its threshold is clamped between these two: never into glass
+# noise, never above pale stroma.
 GLASS_SATURATION = 0.01
 PALE_TISSUE_SATURATION = 0.02
 
@@ -84,15 +99,10 @@ def open_slide(path) -> openslide.OpenSlide:
     if not p.exists():
         raise PathloopError(f"slide {p} does not exist")
     try:
-        slide = openslide.OpenSlide(str(p))
-        # Opening only parses headers; a truncated file fails when its last tile is read.
-        last = slide.level_count - 1
-        w, h = slide.level_dimensions[last]
-        corner = (round((w - 1) * slide.level_downsamples[last]), round((h - 1) * slide.level_downsamples[last]))
-        slide.read_region(corner, last, (1, 1))
+        # Opening also hashes the smallest level, so a truncated file fails here.
+        return openslide.OpenSlide(str(p))
     except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as e:
         raise PathloopError(f"{p} is not a slide OpenSlide can read: {e}") from None
-    return slide
 
 
 def _slide_mpp(slide: openslide.OpenSlide) -> float | None:
@@ -133,6 +143,9 @@ def rgb_tissue_mask(rgb: np.ndarray) -> np.ndarray:
 
 
 def _without_small_components(mask: np.ndarray, max_area: int) -> np.ndarray:
+    # Imported here: scipy doubles the start-up time of every tile-reading worker.
+    from scipy import ndimage
+
     labels, _ = ndimage.label(mask)
     small = np.bincount(labels.ravel()) <= max_area
     small[0] = False
@@ -146,70 +159,6 @@ def tissue_mask(slide: openslide.OpenSlide, max_size: int = 1024) -> tuple[np.nd
     return mask, slide.dimensions[0] / mask.shape[1]
 
 
-def load_regions(geojson_path) -> list[tuple[str, shapely.Geometry]]:
-    """Classified polygons from a QuPath GeoJSON export, as ``(class name, geometry)`` in level-0 px."""
-    p = Path(geojson_path)
-    if not p.is_file():
-        raise PathloopError(f"regions file {p} does not exist")
-    try:
-        doc = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PathloopError(f"{p} is not valid GeoJSON: {e}") from None
-    if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
-        features = doc.get("features")
-    elif isinstance(doc, dict) and doc.get("type") == "Feature":
-        features = [doc]
-    else:
-        features = doc
-    if not isinstance(features, list):
-        raise PathloopError(f"{p} is not valid GeoJSON: expected a FeatureCollection, a Feature or a list of features")
-    regions = []
-    for i, feature in enumerate(features):
-        if not isinstance(feature, dict):
-            raise PathloopError(f"{p} is not valid GeoJSON: feature {i} is a {type(feature).__name__}, not an object")
-        classification = (feature.get("properties") or {}).get("classification")
-        name = classification.get("name") if isinstance(classification, dict) else classification
-        if not isinstance(name, str) or not name or not feature.get("geometry"):
-            continue
-        try:
-            geometry = shapely.geometry.shape(feature["geometry"])
-        except (shapely.errors.GEOSException, ValueError, TypeError, KeyError, AttributeError) as e:
-            raise PathloopError(f"{p} is not valid GeoJSON: feature {i} has a bad geometry: {e}") from None
-        if not geometry.is_valid:
-            geometry = shapely.make_valid(geometry)
-        # make_valid can leave stray lines and points; only areas label tiles.
-        polygons = [g for g in shapely.get_parts(geometry) if g.geom_type in ("Polygon", "MultiPolygon")]
-        if polygons and (area := shapely.union_all(polygons)).area > 0:
-            regions.append((name, area))
-    if not regions:
-        raise PathloopError(f"{p} has no classified regions (expected features with properties.classification.name)")
-    return regions
-
-
-def _region_coverage(boxes: np.ndarray, regions: list) -> tuple[list[str], np.ndarray]:
-    """Share of each box covered by each class: class names and an ``(n_boxes, n_classes)`` array."""
-    names = sorted({name for name, _ in regions})
-    parts, part_class = [], []
-    for k, name in enumerate(names):
-        # Union per class first so overlapping regions of one class are not counted twice.
-        merged = shapely.union_all([g for n, g in regions if n == name])
-        for part in shapely.get_parts(merged):
-            parts.append(part)
-            part_class.append(k)
-    parts = np.array(parts, dtype=object)
-    shapely.prepare(parts)
-    part_class = np.array(part_class)
-    tree = shapely.STRtree(parts)
-    box_idx, part_idx = tree.query(boxes, predicate="intersects")
-    inside = shapely.contains(parts[part_idx], boxes[box_idx])
-    areas = shapely.area(boxes[box_idx])
-    partial = ~inside
-    areas[partial] = shapely.area(shapely.intersection(boxes[box_idx[partial]], parts[part_idx[partial]]))
-    coverage = np.zeros((len(boxes), len(names)))
-    np.add.at(coverage, (box_idx, part_class[part_idx]), areas)
-    return names, coverage / shapely.area(boxes)[:, None]
-
-
 def _choose_level(slide, name, tile_size, level, mpp) -> tuple[int, int]:
     """The level to read and the edge to read there: ``(level, read_size)``."""
     if level is not None and mpp is not None:
@@ -219,6 +168,8 @@ def _choose_level(slide, name, tile_size, level, mpp) -> tuple[int, int]:
         if not 0 <= level < slide.level_count:
             raise PathloopError(f"level {level} does not exist in {name} (levels 0..{slide.level_count - 1})")
         return level, tile_size
+    if mpp <= 0:
+        raise PathloopError(f"mpp {mpp} must be positive")
     base = _slide_mpp(slide)
     if base is None:
         raise PathloopError(f"{name} has no mpp (openslide.mpp-x); choose a level instead of mpp {mpp}")
@@ -269,6 +220,8 @@ def plan_tiles(
             )
         step = max(1, round((stride or tile_size) * extent / tile_size))
         mask, scale = tissue_mask(slide)
+    except openslide.OpenSlideError as e:
+        raise PathloopError(f"{name}: reading the thumbnail for the tissue mask failed: {e}") from None
     finally:
         if own:
             slide.close()
@@ -291,7 +244,7 @@ def plan_tiles(
     n_tissue = len(xs)
 
     if regions is not None:
-        names, coverage = _region_coverage(shapely.box(xs, ys, xs + extent, ys + extent), regions)
+        names, coverage = region_coverage(shapely.box(xs, ys, xs + extent, ys + extent), regions)
         best = coverage.argmax(1)
         keep = coverage[np.arange(len(xs)), best] >= 0.5
         xs, ys, tissue = xs[keep], ys[keep], tissue[keep]
@@ -328,23 +281,51 @@ def _split_counts(n: int, fractions) -> list[int]:
     return counts
 
 
+SPLIT_NAMES = ("train", "val", "test")
+SPLIT_CANDIDATES = 64
+
+
 def assign_block_splits(specs, seed: int, fractions=(0.7, 0.15, 0.15)) -> list[tuple[TileSpec, str]]:
-    """("train" | "val" | "test") per tile by spatial block; tiles reaching into another split's block are dropped."""
+    """("train" | "val" | "test") per tile by spatial block; tiles reaching into another split's block are dropped.
+
+    Blocks are dealt to splits by a seeded permutation. Of ``SPLIT_CANDIDATES`` such
+    permutations, the one whose splits keep the class mix closest to the whole slide's is
+    used, so a small slide does not end up with a test split of almost one class.
+    """
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise PathloopError(f"split fractions {tuple(fractions)} must be three non-negative numbers summing to 1")
+        raise PathloopError(
+            f"split fractions {tuple(fractions)} must be three non-negative numbers summing to 1"
+        )
+    specs = list(specs)
+    if not specs:
+        return []
     blocks = sorted({s.block for s in specs})
-    order = np.random.default_rng(seed).permutation(len(blocks))
+    rank_of = {b: i for i, b in enumerate(blocks)}
     bounds = np.cumsum(_split_counts(len(blocks), fractions))
-    split_of = {}
-    for rank, i in enumerate(order):
-        split_of[blocks[i]] = ("train", "val", "test")[int(np.searchsorted(bounds, rank, side="right"))]
-    # A tile reaching into a block of another split (or one with no split) could overlap a tile
-    # of that split; dropping it is what keeps overlapping tiles out of two splits.
-    return [
-        (s, split_of[s.block])
-        for s in specs
-        if all(split_of.get(b) == split_of[s.block] for b in s.touches or (s.block,))
-    ]
+    classes = sorted({s.class_name for s in specs})
+    cls = np.array([classes.index(s.class_name) for s in specs])
+    own = np.array([rank_of[s.block] for s in specs])
+    # Every block a tile touches, padded with its own block; -1 marks a block with no tiles.
+    width = max(len(s.touches) for s in specs) or 1
+    touch = np.array([[rank_of.get(b, -1) for b in s.touches] + [rank_of[s.block]] * (width - len(s.touches))
+                      for s in specs])
+    overall = np.bincount(cls, minlength=len(classes)) / len(specs)
+    rng = np.random.default_rng(seed)
+    best_split, best_keep, best_score = None, None, np.inf
+    for _ in range(SPLIT_CANDIDATES):
+        block_split = np.searchsorted(bounds, np.argsort(rng.permutation(len(blocks))), side="right")
+        lookup = np.append(block_split, -1)  # index -1 → "no split"
+        tile_split = block_split[own]
+        # A tile reaching into a block of another split (or one with no split) could overlap a
+        # tile of that split; dropping it is what keeps overlapping tiles out of two splits.
+        keep = (lookup[touch] == tile_split[:, None]).all(1)
+        score = 0.0
+        for k in range(len(SPLIT_NAMES)):
+            counts = np.bincount(cls[keep & (tile_split == k)], minlength=len(classes))
+            score += float(np.abs(counts / counts.sum() - overall).sum()) if counts.sum() else 2.0
+        if score < best_score:
+            best_split, best_keep, best_score = tile_split, keep, score
+    return [(s, SPLIT_NAMES[k]) for s, k, kept in zip(specs, best_split, best_keep) if kept]
 
 
 _worker_slide: openslide.OpenSlide | None = None
@@ -360,7 +341,9 @@ def _read_one(slide, path, spec: TileSpec, out_size: int) -> EncodedImage:
     try:
         region = slide.read_region((spec.x, spec.y), spec.level, (spec.read_size, spec.read_size))
     except openslide.OpenSlideError as e:
-        raise PathloopError(f"{path}: reading the tile at ({spec.x}, {spec.y}) level {spec.level} failed: {e}") from None
+        raise PathloopError(
+            f"{path}: reading the tile at ({spec.x}, {spec.y}) level {spec.level} failed: {e}"
+        ) from None
     # Transparent pixels (outside the scanned area) become white, like glass.
     rgb = Image.new("RGB", region.size, "white")
     rgb.paste(region, mask=region.getchannel("A"))
@@ -377,26 +360,49 @@ def _read_chunk(args) -> list[EncodedImage]:
 def read_tiles(
     path, specs, *, out_size: int, workers: int | None = 1, chunk: int = 64
 ) -> Iterator[tuple[TileSpec, EncodedImage]]:
-    """Read, resize to ``out_size`` and encode each tile, yielding in input order.
+    """Read, resize to ``out_size`` and encode each tile, yielding ``(spec, image)`` in input order.
 
-    ``workers`` > 1 reads in that many spawned processes, each with its own OpenSlide handle
-    (0 or None: one per CPU); hashing and PNG encoding happen there too.
+    ``workers`` > 1 reads chunks of ``chunk`` tiles in that many spawned processes, each with
+    its own OpenSlide handle (0 or None: one per CPU); hashing and PNG encoding happen there
+    too. A single chunk is read in this process, where it is faster than starting workers.
     """
     if out_size < 1:
         raise PathloopError(f"out_size {out_size} must be positive")
+    if chunk < 1:
+        raise PathloopError(f"chunk {chunk} must be positive")
     specs = list(specs)
     workers = workers or os.cpu_count() or 1
+    # Opened here even for workers: a bad file must fail now, not in a pool initializer
+    # (which the pool would restart forever).
+    slide = open_slide(path)
     if workers == 1 or len(specs) <= chunk:
-        slide = open_slide(path)
-        try:
-            for spec in specs:
-                yield spec, _read_one(slide, path, spec, out_size)
-        finally:
-            slide.close()
-        return
-    chunks = [(specs[i : i + chunk], out_size) for i in range(0, len(specs), chunk)]
+        return _read_here(slide, str(path), specs, out_size)
+    slide.close()
+    return _read_in_pool(str(path), specs, out_size, workers, chunk)
+
+
+def _read_here(
+    slide, path: str, specs: list[TileSpec], out_size: int
+) -> Iterator[tuple[TileSpec, EncodedImage]]:
+    try:
+        for spec in specs:
+            yield spec, _read_one(slide, path, spec, out_size)
+    finally:
+        slide.close()
+
+
+def _read_in_pool(path: str, specs: list[TileSpec], out_size: int, workers: int, chunk: int):
+    chunks = [specs[i : i + chunk] for i in range(0, len(specs), chunk)]
     # spawn: forking a parent that holds torch or OpenSlide threads can deadlock.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(workers, len(chunks)), initializer=_open_worker, initargs=(str(path),)) as pool:
-        for (chunk_specs, _), images in zip(chunks, pool.imap(_read_chunk, chunks)):
-            yield from zip(chunk_specs, images)
+    with ctx.Pool(min(workers, len(chunks)), initializer=_open_worker, initargs=(path,)) as pool:
+        # A bounded window rather than imap: imap runs ahead of a slow consumer (the database)
+        # and would hold every encoded tile of the slide in memory.
+        pending = deque()
+        for chunk_specs in chunks:
+            pending.append((chunk_specs, pool.apply_async(_read_chunk, ((chunk_specs, out_size),))))
+            if len(pending) > 2 * workers:
+                done, result = pending.popleft()
+                yield from zip(done, result.get())
+        for done, result in pending:
+            yield from zip(done, result.get())

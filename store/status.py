@@ -7,6 +7,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from store.models import (
+    SPLITS,
     Annotator,
     GeneratorVersion,
     Judgment,
@@ -16,7 +17,6 @@ from store.models import (
     Slide,
     Tile,
 )
-from store.models import SPLITS
 
 
 def workspace_status(engine: Engine, classes: list[str]) -> dict:

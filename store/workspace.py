@@ -148,7 +148,7 @@ class Workspace:
         return self.root / "runs"
 
     @classmethod
-    def open(cls, path: str | os.PathLike | None = None) -> "Workspace":
+    def open(cls, path: str | os.PathLike | None = None) -> Workspace:
         """Open the workspace at ``path``, else ``$PATHLOOP_WORKSPACE``, else the current folder."""
         root = Path(path or os.environ.get(ENV_WORKSPACE) or ".").expanduser().resolve()
         if not root.is_dir():
@@ -162,7 +162,7 @@ class Workspace:
         return cls(root, load_settings(toml))
 
     @classmethod
-    def create(cls, path: str | os.PathLike, settings: Settings) -> "Workspace":
+    def create(cls, path: str | os.PathLike, settings: Settings) -> Workspace:
         """Write ``pathloop.toml`` and the folders; refuse to overwrite an existing workspace."""
         root = Path(path).expanduser().resolve()
         if (root / SETTINGS_FILE).exists():

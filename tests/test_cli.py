@@ -9,8 +9,8 @@ import tomllib
 
 import pytest
 
-from store.workspace import DEFAULT_CRITERIA, Settings, Workspace, load_settings
 from store.errors import PathloopError
+from store.workspace import DEFAULT_CRITERIA, Settings, Workspace, load_settings
 
 COMMANDS = ["init", "db", "demo-slide", "ingest", "import-tiles", "status"]
 

@@ -8,7 +8,6 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from conftest import BACKENDS, database_url
 from store.db import check_schema, current_revision, head_revision, make_engine, upgrade, write_session
 from store.errors import PathloopError
 from store.images import ImageStore, encode, pixel_sha256
@@ -22,6 +21,8 @@ from store.models import (
     Tile,
     metadata,
 )
+
+from conftest import BACKENDS, database_url
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
