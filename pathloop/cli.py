@@ -60,6 +60,12 @@ def _progress(desc: str, total: int):
     return wrap
 
 
+def _counter(desc: str):
+    from tqdm import tqdm
+
+    return lambda total: tqdm(total=total, desc=desc, unit="img", disable=None, leave=False)
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -159,6 +165,84 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from finetune.pretrain import PretrainConfig, pretrain
+
+    ws, engine = _open(args)
+    cfg = PretrainConfig(**_dataclass_args(args, PretrainConfig))
+    version = pretrain(ws, engine, cfg, resume=args.resume)
+    if version is not None:
+        print(f"generator version {version.id}: {version.folder} (final loss {version.config['final_loss']:.4f}, "
+              f"{version.config['seconds']} s)")
+    return 0
+
+
+def cmd_import_model(args) -> int:
+    from finetune.registry import import_model
+
+    ws, engine = _open(args)
+    v = import_model(ws, engine, Path(args.dir), note=args.note or "")
+    print(f"generator version {v.id}: imported {args.dir} into {v.folder}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from finetune.registry import load_generator
+    from finetune.sample import SampleSettings, generate_into_store
+
+    ws, engine = _open(args)
+    settings = SampleSettings(args.sampler, args.steps, args.guidance, args.batch_size)
+    gen = load_generator(ws, engine, args.model)
+    settings.check(gen.scheduler_config["num_train_timesteps"])
+    r = generate_into_store(ws, engine, gen, per_class=args.per_class, settings=settings, seed=args.seed,
+                            classes=args.classes.split(",") if args.classes else None, round_number=args.round,
+                            progress=_counter("generate"))
+    print(f"generator version {gen.id}: {r.generated} samples generated, {r.skipped} already there "
+          f"({settings.sampler}, {settings.steps} steps, guidance {settings.guidance:g}, seed {args.seed})")
+    return 0
+
+
+def cmd_generator_list(args) -> int:
+    from store.generators import list_generators
+
+    ws, engine = _open(args)
+    rows = list_generators(engine)
+    if not rows:
+        print("no generator versions yet; `pathloop pretrain` or `pathloop import-model DIR`")
+        return 0
+    print(f"{'id':>4}  {'kind':<10} {'parent':>6} {'round':>5}  {'created':<19}  folder")
+    for g in rows:
+        print(f"{g.id:>4}  {g.kind:<10} {g.parent_id or '-':>6} {g.round_number if g.round_number is not None else '-':>5}"
+              f"  {g.created_at:%Y-%m-%d %H:%M:%S}  {g.folder}")
+    return 0
+
+
+def _dataclass_args(args, cls) -> dict:
+    from dataclasses import fields
+
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def _add_dataclass_options(p: argparse.ArgumentParser, cls, aliases: dict[str, list[str]]) -> None:
+    """One option per config field (``train_steps`` → ``--train-steps``), help from the field."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        flags = [f"--{f.name.replace('_', '-')}", *aliases.get(f.name, [])]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(str(f.type).split(" |")[0], str)
+        p.add_argument(*flags, dest=f.name, type=kind, default=None, metavar=f.name.split("_")[-1].upper(),
+                       help=f"{f.metadata.get('help', '')} (default: {default})")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -222,6 +306,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", metavar="FOLDER")
     p.add_argument("--seed", type=int, default=0, help="seed of the split assignment (default 0)")
     p.set_defaults(func=cmd_import_tiles)
+
+    from finetune.config import PretrainConfig
+
+    p = sub.add_parser("pretrain", help="train a class-conditional diffusion generator on the train tiles",
+                       parents=[ws], description="DDPM pretraining with accelerate (EMA, checkpoints, resume); "
+                       "exports a diffusers DDPMPipeline folder registered as a generator version. "
+                       "Several GPUs: accelerate launch -m pathloop.cli pretrain ...")
+    _add_dataclass_options(p, PretrainConfig, {"train_steps": ["--steps"], "train_batch_size": ["--batch-size"],
+                                               "train_learning_rate": ["--lr"]})
+    p.add_argument("--resume", metavar="latest|DIR", help="resume the run from its latest (or a given) checkpoint")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("import-model", help="register a local diffusers UNet2DModel or DDPMPipeline folder",
+                       parents=[ws], description="Import an existing class-conditional model after checking that "
+                       "its class embedding and sample size fit the workspace.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--note", help="free text stored with the version")
+    p.set_defaults(func=cmd_import_model)
+
+    p = sub.add_parser("generate", help="generate samples per class into the store", parents=[ws],
+                       description="Seeded, batched sampling; every image is stored and registered as a sample "
+                       "with its generator version, class, seed, sampler, steps and guidance. Rerunning the same "
+                       "call adds nothing; a larger --per-class adds the missing ones.")
+    p.add_argument("--model", type=int, required=True, metavar="ID", help="generator version id")
+    p.add_argument("--per-class", type=int, required=True, metavar="N", help="samples per class")
+    p.add_argument("--classes", metavar="A,B", help="only these classes (default: all)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--steps", type=int, default=50, metavar="K", help="sampler steps (default 50)")
+    p.add_argument("--guidance", type=float, default=1.0, metavar="G",
+                   help="classifier-free guidance scale: 1 none, >1 stronger, 0 unconditional (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; sample i of class c gets its own seed from it")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B")
+    p.add_argument("--round", type=int, metavar="N", help="round number recorded on the samples")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("generator", help="generator versions: list", parents=[ws],
+                       description="List generator versions with their lineage.")
+    p.add_argument("generator_command", choices=["list"])
+    p.set_defaults(func=cmd_generator_list)
 
     p = sub.add_parser("status", help="what the workspace holds", parents=[ws],
                        description="Counts of slides, tiles per class and split, samples, judgments, versions.")

@@ -108,3 +108,30 @@ class ImageStore:
         """Delete files this process wrote, when the transaction that would reference them failed."""
         for rel in rel_paths:
             (self.root / rel).unlink(missing_ok=True)
+
+
+def register_images(s, sizes: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """Image row ids for these pixel hashes (hash → (width, height)), inserting missing ones.
+
+    The files must already be in the store; call inside the transaction that uses the ids.
+    ``s`` is a ``sqlmodel.Session``; SQL is imported here only, so tile-reading worker
+    processes that import this module stay light.
+    """
+    from sqlmodel import select
+
+    from store.models import Image
+
+    shas = list(sizes)
+    ids: dict[str, int] = {}
+    for i in range(0, len(shas), 500):
+        chunk = shas[i : i + 500]
+        ids.update(dict(s.exec(select(Image.sha256, Image.id).where(Image.sha256.in_(chunk))).all()))
+    new = [
+        Image(sha256=sha, width=sizes[sha][0], height=sizes[sha][1], path=relative_path(sha))
+        for sha in shas
+        if sha not in ids
+    ]
+    s.add_all(new)
+    s.flush()
+    ids.update({im.sha256: im.id for im in new})
+    return ids

@@ -24,8 +24,8 @@ from sqlmodel import Session, select
 
 from store import slides
 from store.errors import PathloopError
-from store.images import encode, relative_path
-from store.models import SPLITS, Image, Slide, Tile
+from store.images import encode, register_images
+from store.models import SPLITS, Slide, Tile
 from store.workspace import Workspace
 
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
@@ -235,7 +235,7 @@ def _write_slide(ws, engine, job: SlideJob, assigned, existing: Slide | None, wh
                 slide = s.merge(existing)
             s.add(slide)
             s.flush()
-            image_ids = _image_ids(s, sizes)
+            image_ids = register_images(s, sizes)
             for spec, split, sha in rows:
                 s.add(Tile(image_id=image_ids[sha], slide_id=slide.id, level=spec.level, x=spec.x, y=spec.y,
                            extent=spec.extent, tissue=round(float(spec.tissue), 4), class_name=spec.class_name,
@@ -248,21 +248,6 @@ def _write_slide(ws, engine, job: SlideJob, assigned, existing: Slide | None, wh
         ws.images.remove(written)
         raise
     return result
-
-
-def _image_ids(s: Session, sizes: dict[str, tuple[int, int]]) -> dict[str, int]:
-    """Image row ids for these pixel hashes (hash → (width, height)), inserting missing ones."""
-    shas = list(sizes)
-    ids: dict[str, int] = {}
-    for i in range(0, len(shas), 500):
-        chunk = shas[i:i + 500]
-        ids.update(dict(s.exec(select(Image.sha256, Image.id).where(Image.sha256.in_(chunk))).all()))
-    new = [Image(sha256=sha, width=sizes[sha][0], height=sizes[sha][1], path=relative_path(sha))
-           for sha in shas if sha not in ids]
-    s.add_all(new)
-    s.flush()
-    ids.update({im.sha256: im.id for im in new})
-    return ids
 
 
 def import_tiles(ws: Workspace, engine: Engine, folder: Path, seed: int = 0) -> IngestResult:
@@ -308,7 +293,7 @@ def import_tiles(ws: Workspace, engine: Engine, folder: Path, seed: int = 0) -> 
     written: list[str] = []
     try:
         with Session(engine) as s:
-            image_ids = _image_ids(s, {e.sha256: (e.width, e.height) for _, _, e in encoded})
+            image_ids = register_images(s, {e.sha256: (e.width, e.height) for _, _, e in encoded})
             have = set(s.exec(select(Tile.image_id, Tile.class_name).where(
                 Tile.slide_id.is_(None), Tile.image_id.in_(list(image_ids.values())))).all())
             for split, cls, enc in encoded:

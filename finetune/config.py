@@ -1,0 +1,62 @@
+"""Run configurations: one dataclass per entry point, each field with its help text.
+
+Kept free of torch imports so the CLI can build its options without loading a model stack.
+Fields are grouped by prefix (``train_*``, ``noise_*``), checked in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from store.errors import PathloopError
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that defines a pretraining run; written into the run and the model folder."""
+
+    preset: str = field(default="tiny", metadata={"help": "UNet preset: tiny (CPU, 32 px), small (64 px), base (128-256 px)"})
+    train_steps: int = field(default=2000, metadata={"help": "optimizer steps"})
+    train_batch_size: int = field(default=32, metadata={"help": "tiles per process per micro-batch"})
+    train_gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    train_learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate"})
+    train_lr_warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps, then cosine decay"})
+    train_adam_weight_decay: float = field(default=1e-6, metadata={"help": "AdamW weight decay"})
+    train_max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    train_class_dropout: float = field(default=0.1, metadata={"help": "share of tiles trained without class, for guidance"})
+    train_augment: bool = field(default=True, metadata={"help": "random flips and 90° rotations"})
+    ema_decay: float = field(default=0.9999, metadata={"help": "maximum EMA decay (warm-up from 0)"})
+    noise_timesteps: int = field(default=1000, metadata={"help": "diffusion steps T"})
+    noise_beta_schedule: str = field(default="squaredcos_cap_v2", metadata={"help": "DDPM beta schedule"})
+    mixed_precision: str = field(default="auto", metadata={"help": "no | fp16 | bf16 | auto (bf16/fp16 on GPU, none on CPU)"})
+    checkpoint_every: int = field(default=500, metadata={"help": "save_state every N steps"})
+    checkpoints_keep: int = field(default=2, metadata={"help": "checkpoints kept in the run folder"})
+    seed: int = field(default=0, metadata={"help": "seed of model init, batches and noise"})
+    log_with: str | None = field(default=None, metadata={"help": "accelerate tracker, e.g. tensorboard"})
+    run_name: str = field(default="pretrain", metadata={"help": "folder under runs/ for checkpoints and logs"})
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.train_steps >= 1, "train_steps must be >= 1"),
+            (self.train_batch_size >= 1, "train_batch_size must be >= 1"),
+            (self.train_gradient_accumulation_steps >= 1, "train_gradient_accumulation_steps must be >= 1"),
+            (self.train_learning_rate > 0, "train_learning_rate must be > 0"),
+            (0 <= self.train_class_dropout < 1, "train_class_dropout must be in [0, 1)"),
+            (0 < self.ema_decay < 1, "ema_decay must be in (0, 1)"),
+            (self.noise_timesteps >= 2, "noise_timesteps must be >= 2"),
+            (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (self.checkpoints_keep >= 1, "checkpoints_keep must be >= 1"),
+            (self.mixed_precision in ("no", "fp16", "bf16", "auto"), "mixed_precision must be no, fp16, bf16 or auto"),
+            (self.run_name and "/" not in self.run_name and not self.run_name.startswith("."),
+             "run_name must be a plain folder name"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PathloopError(f"{message} (got {self._value_for(message)})")
+
+    def _value_for(self, message: str):
+        name = message.split()[0]
+        return getattr(self, name, "?")
+
+    # Fields that may change between a checkpoint and its resumption.
+    RESUMABLE_CHANGES = ("log_with", "checkpoint_every", "checkpoints_keep")

@@ -1,0 +1,109 @@
+"""Real tiles as tensors, and batches that are a pure function of the step.
+
+Every batch and every random draw of a training step comes from ``step_generator(seed,
+step, micro, process)``, not from a global RNG, so a run resumed from a checkpoint sees
+exactly the data and noise an uninterrupted run would, on any number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from store.errors import PathloopError
+
+
+def load_rgb(path: Path, size: int) -> np.ndarray:
+    """An ``(size, size, 3)`` uint8 tile; a clear error for a missing or wrong-size file."""
+    if not Path(path).is_file():
+        raise PathloopError(f"tile image {path} is missing from the workspace")
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    if rgb.shape[:2] != (size, size):
+        raise PathloopError(f"tile image {path} is {rgb.shape[1]}x{rgb.shape[0]}; expected {size}x{size}")
+    return rgb
+
+
+def to_model_range(rgb_uint8: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W, 3)`` or ``(B, 3, H, W)`` uint8 → float in [-1, 1], channels first."""
+    x = rgb_uint8
+    if x.shape[-1] == 3 and x.shape[1] != 3:
+        x = x.permute(0, 3, 1, 2)
+    return x.float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """``(B, 3, H, W)`` in [-1, 1] → ``(B, H, W, 3)`` uint8 (rounded, clipped)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class TileSet:
+    """Tiles held in memory as one uint8 tensor ``(N, 3, H, W)`` with class ids ``(N,)``.
+
+    Tiles are small (32-256 px); tens of thousands fit in a few GB, and a tensor index is
+    far cheaper per step than decoding PNGs.
+    """
+
+    def __init__(self, paths: Sequence[Path], class_ids: Sequence[int], size: int):
+        if not paths:
+            raise PathloopError("no tiles to train on")
+        self.images = torch.from_numpy(np.stack([load_rgb(p, size) for p in paths])).permute(0, 3, 1, 2).contiguous()
+        self.class_ids = torch.tensor(list(class_ids), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.class_ids)
+
+
+def _mix(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
+    """The CPU generator for one micro-batch of one process at one optimizer step."""
+    return torch.Generator().manual_seed(_mix(seed, step, micro, process))
+
+
+class StepBatches:
+    """The global batch of every (step, micro) as indices into a dataset of ``n`` items.
+
+    The stream is a sequence of seeded permutations (epochs); a batch is the next
+    ``global_batch`` positions of it, and each process takes its own interleaved share.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int):
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            self._perms[epoch] = np.random.default_rng(_mix(self.seed, "epoch", epoch)).permutation(self.n)
+        return self._perms[epoch]
+
+    def indices(self, position: int, process: int = 0, num_processes: int = 1) -> np.ndarray:
+        """Indices for the ``position``-th global batch (position = step * accumulation + micro)."""
+        start = position * self.global_batch
+        pos = np.arange(start, start + self.global_batch)
+        out = np.empty(len(pos), dtype=np.int64)
+        for epoch in np.unique(pos // self.n):
+            sel = pos // self.n == epoch
+            out[sel] = self._perm(int(epoch))[pos[sel] % self.n]
+        return out[process::num_processes]
+
+
+def dihedral(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each image of ``(B, C, H, W)`` under one of the 8 flips/90° rotations (histology has no up)."""
+    ks = torch.randint(0, 8, (x.shape[0],), generator=g)
+    out = torch.empty_like(x)
+    for k in range(8):
+        sel = ks == k
+        if sel.any():
+            y = torch.rot90(x[sel], k % 4, dims=(2, 3))
+            out[sel] = y.flip(3) if k >= 4 else y
+    return out

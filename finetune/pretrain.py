@@ -1,0 +1,245 @@
+"""DDPM pretraining of a class-conditional UNet on the workspace's train tiles.
+
+The loop is diffusers' ``train_unconditional.py`` in shape: ``accumulate`` → ``backward``
+→ clip when gradients sync → ``step``; EMA weights; ``save_state`` checkpoints kept apart
+from the exported model (``save_pretrained``). ``accelerate launch -m pathloop.cli
+pretrain …`` runs it on several processes; only the main process writes to the store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from sqlalchemy.engine import Engine
+from tqdm.auto import tqdm
+
+from finetune.config import PretrainConfig
+from finetune.data import StepBatches, TileSet, dihedral, step_generator, to_model_range
+from finetune.unet import build_unet, check_size, null_class
+from store.errors import PathloopError
+from store.generators import incoming_folder, register_generator, training_tiles
+from store.models import GeneratorVersion
+from store.workspace import Workspace
+
+CONFIG_FILE = "pathloop.json"
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Refuse a multi-process launch that accelerate did not set up (each process would act alone)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and accelerator.num_processes != world:
+        raise PathloopError(
+            f"launched as {world} processes but accelerate sees {accelerator.num_processes}; on CPUs launch with "
+            "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ..."
+        )
+
+
+def make_noise_scheduler(cfg: PretrainConfig) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=cfg.noise_timesteps, beta_schedule=cfg.noise_beta_schedule,
+                         prediction_type="epsilon")
+
+
+def denoising_batch(images_uint8: torch.Tensor, class_ids: torch.Tensor, *, scheduler: DDPMScheduler,
+                    g: torch.Generator, null_id: int, class_dropout: float, augment: bool):
+    """Noisy inputs for one micro-batch, all randomness from ``g`` (on the CPU, so any device agrees).
+
+    Returns ``(noisy (B,3,H,W), timesteps (B,), classes (B,), noise (B,3,H,W))``.
+    """
+    x = to_model_range(images_uint8)
+    if augment:
+        x = dihedral(x, g)
+    noise = torch.randn(x.shape, generator=g)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (x.shape[0],), generator=g)
+    drop = torch.rand(x.shape[0], generator=g) < class_dropout
+    classes = torch.where(drop, torch.full_like(class_ids, null_id), class_ids)
+    return scheduler.add_noise(x, noise, t), t, classes, noise
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    ckpts = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _check_resumable(run_dir: Path, cfg: PretrainConfig, ws: Workspace) -> None:
+    saved_file = run_dir / "config.json"
+    if not saved_file.is_file():
+        raise PathloopError(f"{run_dir} has no config.json; it is not a pathloop pretraining run")
+    saved = json.loads(saved_file.read_text())
+    now = {**asdict(cfg), "classes": ws.settings.classes, "tile_size": ws.settings.tile_size}
+    for key, value in now.items():
+        if key in PretrainConfig.RESUMABLE_CHANGES:
+            continue
+        if saved.get(key) != value:
+            raise PathloopError(
+                f"checkpoint in {run_dir} was made with {key} = {saved.get(key)!r}, not {value!r}; "
+                "resume with the same settings or start a new --run-name"
+            )
+
+
+def export_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, folder: Path, info: dict) -> None:
+    """Write a diffusers ``DDPMPipeline`` folder (``unet/``, ``scheduler/``) plus ``pathloop.json``."""
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder, safe_serialization=True)
+    (folder / CONFIG_FILE).write_text(json.dumps(info, indent=2, default=str))
+
+
+def pretrain(ws: Workspace, engine: Engine, cfg: PretrainConfig, *, resume: str | None = None,
+             stop_after: int | None = None, progress: bool = True) -> GeneratorVersion | None:
+    """Train and register a generator version; ``None`` on non-main processes or when stopped early.
+
+    ``resume``: ``"latest"`` or a checkpoint folder of this run. ``stop_after``: end after that
+    many optimizer steps without exporting, as a crash after a checkpoint would (for tests).
+    """
+    tile_size, classes = ws.settings.tile_size, ws.settings.classes
+    check_size(cfg.preset, tile_size)
+    run_dir = ws.runs_dir / cfg.run_name
+    if resume is None and _checkpoints(run_dir):
+        raise PathloopError(f"run folder {run_dir} already has checkpoints; pass --resume latest or a new --run-name")
+    refs = training_tiles(ws, engine, "train")
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.train_gradient_accumulation_steps,
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        log_with=cfg.log_with,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+    check_launch(accelerator)
+    set_seed(cfg.seed)
+    data = TileSet([r.path for r in refs], [classes.index(r.class_name) for r in refs], tile_size)
+    unet = build_unet(cfg.preset, tile_size, len(classes))
+    null_id = null_class(unet)
+    noise_scheduler = make_noise_scheduler(cfg)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train_learning_rate,
+                                  weight_decay=cfg.train_adam_weight_decay)
+    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=cfg.train_lr_warmup_steps,
+                                 num_training_steps=cfg.train_steps)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4,
+                   model_cls=UNet2DModel, model_config=unet.config)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+
+    procs, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.train_batch_size * procs
+    batches = StepBatches(len(data), global_batch, cfg.seed)
+    first_step = 0
+    if resume is not None:
+        ckpts = _checkpoints(run_dir)
+        ckpt = ckpts[-1] if resume == "latest" and ckpts else Path(resume) if resume != "latest" else None
+        if ckpt is None or not ckpt.is_dir():
+            raise PathloopError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}")
+        _check_resumable(run_dir, cfg, ws)
+        accelerator.load_state(str(ckpt))
+        first_step = int(ckpt.name.split("-")[-1])
+    elif accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved = {**asdict(cfg), "classes": classes, "tile_size": tile_size}
+        (run_dir / "config.json").write_text(json.dumps(saved, indent=2))
+    if cfg.log_with:
+        accelerator.init_trackers("pathloop-pretrain", config={k: v for k, v in asdict(cfg).items() if v is not None})
+
+    bar = tqdm(total=cfg.train_steps, initial=first_step, desc="pretrain", unit="step",
+               disable=not (progress and accelerator.is_local_main_process))
+    unet.train()
+    last_loss = float("nan")
+    started = time.time()
+    end = cfg.train_steps if stop_after is None else min(cfg.train_steps, stop_after)
+    for step in range(first_step, end):
+        for micro in range(cfg.train_gradient_accumulation_steps):
+            position = step * cfg.train_gradient_accumulation_steps + micro
+            idx = torch.from_numpy(batches.indices(position, rank, procs))
+            g = step_generator(cfg.seed, step, micro, rank)
+            noisy, t, cls, noise = denoising_batch(
+                data.images[idx], data.class_ids[idx], scheduler=noise_scheduler, g=g, null_id=null_id,
+                class_dropout=cfg.train_class_dropout, augment=cfg.train_augment)
+            dev = accelerator.device
+            with accelerator.accumulate(unet):
+                pred = unet(noisy.to(dev), t.to(dev), class_labels=cls.to(dev)).sample
+                loss = F.mse_loss(pred.float(), noise.to(dev).float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), cfg.train_max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+        if not accelerator.sync_gradients:  # accumulate() syncs on the last micro-batch
+            raise RuntimeError("gradient accumulation fell out of step with the loop")
+        ema.step(unet.parameters())
+        last_loss = accelerator.gather(loss.detach()).mean().item()
+        if not math.isfinite(last_loss):
+            raise PathloopError(f"the loss became {last_loss} at step {step + 1}; lower --lr or check the tiles")
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+        accelerator.log({"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "ema_decay": ema.cur_decay_value},
+                        step=done)
+        if done % cfg.checkpoint_every == 0 or done == cfg.train_steps:
+            _save_checkpoint(accelerator, run_dir, done, cfg.checkpoints_keep)
+    bar.close()
+    if stop_after is not None and end < cfg.train_steps:
+        accelerator.end_training()
+        return None
+
+    version = None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = build_unet(cfg.preset, tile_size, len(classes))
+        final.load_state_dict(accelerator.unwrap_model(unet).state_dict())
+        ema.copy_to(final.parameters())
+        folder = incoming_folder(ws)
+        try:
+            info = {
+                "kind": "pretrained", "classes": classes, "tile_size": tile_size, "null_class": null_id,
+                "config": asdict(cfg), "train_tiles": len(refs), "train_tile_ids": [r.tile_id for r in refs],
+                "final_loss": last_loss, "seconds": round(time.time() - started, 1), "processes": procs,
+                "weights": "ema",
+            }
+            export_pipeline(final.cpu(), noise_scheduler, folder, info)
+            config = {k: v for k, v in info.items() if k != "train_tile_ids"}
+            config["run"] = str(run_dir.relative_to(ws.root))
+            version = register_generator(ws, engine, folder, kind="pretrained", config=config)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # also ends the process group: nothing collective after this
+    return version
+
+
+def _save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> None:
+    """``save_state`` into a temporary folder renamed when complete, then prune old ones."""
+    ckdir = run_dir / "checkpoints"
+    target = ckdir / f"checkpoint-{step}"
+    tmp = ckdir / f".partial-{step}"
+    if accelerator.is_main_process:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        for old in _checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
