@@ -4,12 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PATHLOOP := $(VENV)/bin/pathloop
 DEMO ?= demo-workspace
+DEMO_STEPS ?= 150
 # torch and torchvision first and pinned: on this lab's machines they install from local disk,
 # and letting the resolver pick one would fetch a multi-GB CUDA build.
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint bench-ingest clean-demo
+.PHONY: demo test install lint bench-ingest bench-generator clean-demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,11 @@ demo: $(STAMP)
 	@mkdir -p $(DEMO)/slides
 	$(PATHLOOP) demo-slide $(DEMO)/slides/ihc.tiff
 	$(PATHLOOP) ingest --workspace $(DEMO) $(DEMO)/slides/ihc.tiff --regions $(DEMO)/slides/ihc.geojson --stride 16
+	@# A brief CPU pretraining of the tiny preset (about 3 minutes on 2 cores); skipped once done.
+	@$(PATHLOOP) generator list --workspace $(DEMO) | grep -q pretrained || \
+		$(PATHLOOP) pretrain --workspace $(DEMO) --preset tiny --steps $(DEMO_STEPS) --batch-size 32 \
+			--train-lr-warmup-steps 20 --checkpoint-every 50 --run-name demo-pretrain --resume auto
+	$(PATHLOOP) generate --workspace $(DEMO) --model latest --per-class 16 --steps 25 --seed 0
 	$(PATHLOOP) status --workspace $(DEMO)
 
 test: $(STAMP)
@@ -37,6 +43,9 @@ lint: $(STAMP)
 
 bench-ingest: $(STAMP)
 	$(PY) benchmarks/ingest.py
+
+bench-generator: $(STAMP)
+	$(PY) benchmarks/generator.py
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -76,6 +76,26 @@ def denoising_batch(images_uint8: torch.Tensor, class_ids: torch.Tensor, *, sche
     return scheduler.add_noise(x, noise, t), t, classes, noise
 
 
+def denoising_update(accelerator: Accelerator, unet, optimizer, lr_scheduler, inputs, max_grad_norm: float
+                     ) -> torch.Tensor:
+    """One micro-batch of the standard accelerate loop: accumulate → backward → clip on sync → step.
+
+    ``inputs`` is ``denoising_batch``'s output (on the CPU). Returns the micro-batch loss.
+    """
+    noisy, t, cls, noise = inputs
+    dev = accelerator.device
+    with accelerator.accumulate(unet):
+        pred = unet(noisy.to(dev), t.to(dev), class_labels=cls.to(dev)).sample
+        loss = F.mse_loss(pred.float(), noise.to(dev).float())
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+    return loss
+
+
 def _checkpoints(run_dir: Path) -> list[Path]:
     ckpts = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     return sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
@@ -107,12 +127,14 @@ def pretrain(ws: Workspace, engine: Engine, cfg: PretrainConfig, *, resume: str 
              stop_after: int | None = None, progress: bool = True) -> GeneratorVersion | None:
     """Train and register a generator version; ``None`` on non-main processes or when stopped early.
 
-    ``resume``: ``"latest"`` or a checkpoint folder of this run. ``stop_after``: end after that
+    ``resume``: ``"latest"``, ``"auto"`` (latest if there is one) or a checkpoint folder of this run. ``stop_after``: end after that
     many optimizer steps without exporting, as a crash after a checkpoint would (for tests).
     """
     tile_size, classes = ws.settings.tile_size, ws.settings.classes
     check_size(cfg.preset, tile_size)
     run_dir = ws.runs_dir / cfg.run_name
+    if resume == "auto":
+        resume = "latest" if _checkpoints(run_dir) else None
     if resume is None and _checkpoints(run_dir):
         raise PathloopError(f"run folder {run_dir} already has checkpoints; pass --resume latest or a new --run-name")
     refs = training_tiles(ws, engine, "train")
@@ -165,23 +187,15 @@ def pretrain(ws: Workspace, engine: Engine, cfg: PretrainConfig, *, resume: str 
     started = time.time()
     end = cfg.train_steps if stop_after is None else min(cfg.train_steps, stop_after)
     for step in range(first_step, end):
+        loss = None
         for micro in range(cfg.train_gradient_accumulation_steps):
             position = step * cfg.train_gradient_accumulation_steps + micro
             idx = torch.from_numpy(batches.indices(position, rank, procs))
             g = step_generator(cfg.seed, step, micro, rank)
-            noisy, t, cls, noise = denoising_batch(
+            inputs = denoising_batch(
                 data.images[idx], data.class_ids[idx], scheduler=noise_scheduler, g=g, null_id=null_id,
                 class_dropout=cfg.train_class_dropout, augment=cfg.train_augment)
-            dev = accelerator.device
-            with accelerator.accumulate(unet):
-                pred = unet(noisy.to(dev), t.to(dev), class_labels=cls.to(dev)).sample
-                loss = F.mse_loss(pred.float(), noise.to(dev).float())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), cfg.train_max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+            loss = denoising_update(accelerator, unet, optimizer, lr_scheduler, inputs, cfg.train_max_grad_norm)
         if not accelerator.sync_gradients:  # accumulate() syncs on the last micro-batch
             raise RuntimeError("gradient accumulation fell out of step with the loop")
         ema.step(unet.parameters())

@@ -192,7 +192,7 @@ def cmd_generate(args) -> int:
 
     ws, engine = _open(args)
     settings = SampleSettings(args.sampler, args.steps, args.guidance, args.batch_size)
-    gen = load_generator(ws, engine, args.model)
+    gen = load_generator(ws, engine, _generator_id(engine, args.model))
     settings.check(gen.scheduler_config["num_train_timesteps"])
     r = generate_into_store(ws, engine, gen, per_class=args.per_class, settings=settings, seed=args.seed,
                             classes=args.classes.split(",") if args.classes else None, round_number=args.round,
@@ -200,6 +200,21 @@ def cmd_generate(args) -> int:
     print(f"generator version {gen.id}: {r.generated} samples generated, {r.skipped} already there "
           f"({settings.sampler}, {settings.steps} steps, guidance {settings.guidance:g}, seed {args.seed})")
     return 0
+
+
+def _generator_id(engine, text: str) -> int:
+    """A generator version id, or ``latest`` for the newest one."""
+    from store.generators import list_generators
+
+    if text == "latest":
+        versions = list_generators(engine)
+        if not versions:
+            raise PathloopError("no generator versions yet; `pathloop pretrain` or `pathloop import-model DIR`")
+        return versions[-1].id
+    try:
+        return int(text)
+    except ValueError:
+        raise PathloopError(f"--model {text!r}; expected a generator version id or 'latest'") from None
 
 
 def cmd_generator_list(args) -> int:
@@ -315,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Several GPUs: accelerate launch -m pathloop.cli pretrain ...")
     _add_dataclass_options(p, PretrainConfig, {"train_steps": ["--steps"], "train_batch_size": ["--batch-size"],
                                                "train_learning_rate": ["--lr"]})
-    p.add_argument("--resume", metavar="latest|DIR", help="resume the run from its latest (or a given) checkpoint")
+    p.add_argument("--resume", metavar="latest|auto|DIR",
+                   help="resume the run from its latest (or a given) checkpoint; auto: resume if it has one")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("import-model", help="register a local diffusers UNet2DModel or DDPMPipeline folder",
@@ -329,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Seeded, batched sampling; every image is stored and registered as a sample "
                        "with its generator version, class, seed, sampler, steps and guidance. Rerunning the same "
                        "call adds nothing; a larger --per-class adds the missing ones.")
-    p.add_argument("--model", type=int, required=True, metavar="ID", help="generator version id")
+    p.add_argument("--model", required=True, metavar="ID", help="generator version id, or 'latest'")
     p.add_argument("--per-class", type=int, required=True, metavar="N", help="samples per class")
     p.add_argument("--classes", metavar="A,B", help="only these classes (default: all)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")

@@ -281,3 +281,11 @@ def test_accelerate_launch_two_processes(gen_ws):
     [v] = list_generators(engine)  # registered once, by the main process
     assert v.config["processes"] == 2
     UNet2DModel.from_pretrained(ws.root / v.folder, subfolder="unet")
+
+
+def test_tracker_logging_with_tensorboard(gen_ws):
+    pytest.importorskip("tensorboard", reason="tensorboard is in the dev extra; install it to test trackers")
+    ws, engine = gen_ws
+    pretrain(ws, engine, tiny(log_with="tensorboard", run_name="logged"), progress=False)
+    events = list((ws.runs_dir / "logged" / "logs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
