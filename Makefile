@@ -31,7 +31,7 @@ demo: $(STAMP)
 	@# A brief CPU pretraining of the tiny preset (about 3 minutes on 2 cores); skipped once done.
 	@$(PATHLOOP) generator list --workspace $(DEMO) | grep -q pretrained || \
 		$(PATHLOOP) pretrain --workspace $(DEMO) --preset tiny --steps $(DEMO_STEPS) --batch-size 32 \
-			--train-lr-warmup-steps 20 --checkpoint-every 50 --run-name demo-pretrain --resume auto
+			--lr 1e-3 --train-lr-warmup-steps 20 --checkpoint-every 50 --run-name demo-pretrain --resume auto
 	$(PATHLOOP) generate --workspace $(DEMO) --model latest --per-class 16 --steps 25 --seed 0
 	$(PATHLOOP) status --workspace $(DEMO)
 
