@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PATHLOOP := $(VENV)/bin/pathloop
 DEMO ?= demo-workspace
 DEMO_STEPS ?= 150
+DEMO_HOST ?= 127.0.0.1
+DEMO_PORT ?= 8501
 # torch and torchvision first and pinned: on this lab's machines they install from local disk,
 # and letting the resolver pick one would fetch a multi-GB CUDA build.
 TORCH := torch==2.14.1 torchvision==0.29.1
@@ -25,6 +27,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	@test -f $(DEMO)/pathloop.toml || $(PATHLOOP) init $(DEMO) --classes dab_negative,dab_positive --tile-size 32
+	$(PATHLOOP) db upgrade --workspace $(DEMO)
 	@mkdir -p $(DEMO)/slides
 	$(PATHLOOP) demo-slide $(DEMO)/slides/ihc.tiff
 	$(PATHLOOP) ingest --workspace $(DEMO) $(DEMO)/slides/ihc.tiff --regions $(DEMO)/slides/ihc.geojson --stride 16
@@ -34,6 +37,12 @@ demo: $(STAMP)
 			--lr 1e-3 --train-lr-warmup-steps 20 --checkpoint-every 50 --run-name demo-pretrain --resume auto
 	$(PATHLOOP) generate --workspace $(DEMO) --model latest --per-class 16 --steps 25 --seed 0
 	$(PATHLOOP) status --workspace $(DEMO)
+	@# Demo accounts: created once, passwords regenerated and printed on every run.
+	@for pair in admin:admin rater:annotator; do name=$${pair%%:*}; role=$${pair##*:}; \
+		if $(PATHLOOP) users list --workspace $(DEMO) | grep -q "^$$name "; then \
+			$(PATHLOOP) users password $$name --generate-password --workspace $(DEMO); \
+		else $(PATHLOOP) users add $$name --role $$role --generate-password --workspace $(DEMO); fi; done
+	$(PATHLOOP) annotate --workspace $(DEMO) --host $(DEMO_HOST) --port $(DEMO_PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

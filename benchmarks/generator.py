@@ -15,13 +15,21 @@ Each measurement is repeated (--runs, default 5) alternating ours and the peer; 
 ratio of medians is printed. Run: ``python benchmarks/generator.py [--preset tiny]``.
 """
 
+# ruff: noqa: E402  (the import path is fixed before anything imports the stdlib's queue)
+
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# benchmarks/queue.py shares its name with the standard library's ``queue``: keep this folder,
+# which Python puts first on the path for a script, off the path before anything imports it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

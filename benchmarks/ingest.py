@@ -9,13 +9,21 @@ one worker and with every core, side by side in one run.
 Run: ``python benchmarks/ingest.py`` (slides are written once under ``benchmarks/.cache/``).
 """
 
+# ruff: noqa: E402  (the import path is fixed before anything imports the stdlib's queue)
+
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# benchmarks/queue.py shares its name with the standard library's ``queue``: keep this folder,
+# which Python puts first on the path for a script, off the path before anything imports it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import os
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import openslide
 

@@ -13,20 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from store.errors import PathloopError
-
-
-def load_rgb(path: Path, size: int) -> np.ndarray:
-    """An ``(size, size, 3)`` uint8 tile; a clear error for a missing or wrong-size file."""
-    if not Path(path).is_file():
-        raise PathloopError(f"tile image {path} is missing from the workspace")
-    with Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"))
-    if rgb.shape[:2] != (size, size):
-        raise PathloopError(f"tile image {path} is {rgb.shape[1]}x{rgb.shape[0]}; expected {size}x{size}")
-    return rgb
+from store.images import load_rgb
 
 
 def to_model_range(rgb_uint8: torch.Tensor) -> torch.Tensor:

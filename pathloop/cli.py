@@ -232,6 +232,74 @@ def cmd_generator_list(args) -> int:
     return 0
 
 
+def cmd_annotate(args) -> int:
+    from annotate_app.launch import serve
+    from store.workspace import Workspace
+
+    ws = Workspace.open(args.workspace)
+    print(f"serving the rating app for {ws.root} at http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
+    return serve(ws.root, args.host, args.port)
+
+
+def _read_password(args) -> str | None:
+    """The password from stdin (--password-stdin), a prompt, or None to generate one."""
+    import getpass
+
+    if args.password_stdin:
+        pw = sys.stdin.readline().rstrip("\n")
+        if not pw:
+            raise PathloopError("--password-stdin: expected a password on standard input, got an empty line")
+        return pw
+    if args.generate_password or not sys.stdin.isatty():
+        return None
+    first = getpass.getpass(f"password for {args.username}: ")
+    if first != getpass.getpass("again: "):
+        raise PathloopError("the two passwords differ; nothing was changed")
+    return first
+
+
+def cmd_users(args) -> int:
+    from store import accounts
+
+    ws, engine = _open(args)
+    if args.users_command == "add":
+        user, generated = accounts.add_user(engine, args.username, role=args.role, password=_read_password(args),
+                                            email=args.email)
+        print(f"added {user.role} {user.username}")
+        if generated:
+            print(f"password (shown once): {generated}")
+    elif args.users_command == "list":
+        rows = accounts.list_users(engine)
+        print(f"{'username':<20} {'role':<10} {'active':<6}  e-mail")
+        for u in rows:
+            print(f"{u.username:<20} {u.role:<10} {'yes' if u.active else 'no':<6}  {u.email or ''}")
+    elif args.users_command in ("disable", "enable"):
+        u = accounts.set_active(engine, args.username, args.users_command == "enable")
+        print(f"{u.username}: {'active' if u.active else 'disabled'}")
+    elif args.users_command == "password":
+        pw = _read_password(args)
+        generated = None
+        if pw is None:
+            import secrets
+
+            pw = generated = secrets.token_urlsafe(12)
+        accounts.set_password(engine, args.username, pw)
+        print(f"{args.username}: password changed" + (f"; new password (shown once): {generated}" if generated else ""))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from store.export import export_judgments
+
+    ws, engine = _open(args)
+    fmt = args.format
+    out = Path(args.out) if args.out else ws.root / "exports" / f"judgments.{ {'jsonl': 'jsonl'}.get(fmt, fmt) }"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = export_judgments(engine, out, fmt)
+    print(f"wrote {n} judgments to {out}")
+    return 0
+
+
 def _dataclass_args(args, cls) -> dict:
     from dataclasses import fields
 
@@ -357,6 +425,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", type=int, metavar="N", help="round number recorded on the samples")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("annotate", help="serve the rating app (Streamlit) for this workspace", parents=[ws],
+                       description="Serve the browser app where pathologists rate tiles and admins see progress, "
+                                   "agreement and exports.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for a lab)")
+    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.set_defaults(func=cmd_annotate)
+
+    p = sub.add_parser("users", help="accounts: add, list, disable, enable, password", parents=[ws],
+                       description="Manage rater and admin accounts. Passwords are stored only as scrypt hashes.")
+    p.add_argument("users_command", choices=["add", "list", "disable", "enable", "password"])
+    p.add_argument("username", nargs="?", help="account name (not for list)")
+    p.add_argument("--role", choices=["annotator", "admin"], default="annotator")
+    p.add_argument("--email", help="e-mail for single sign-on (st.login) mapping")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    p.add_argument("--generate-password", action="store_true", help="generate one and print it once")
+    p.set_defaults(func=cmd_users)
+
+    p = sub.add_parser("export", help="export judgments with full provenance", parents=[ws],
+                       description="One row per judgment (all rows; `current` marks those not superseded) with "
+                                   "annotator, verdict, reasons, comment, seconds, timestamps and the item's "
+                                   "provenance.")
+    p.add_argument("what", choices=["judgments"])
+    p.add_argument("--format", choices=["csv", "parquet", "jsonl"], default="csv")
+    p.add_argument("--out", metavar="FILE", help="output file (default: WORKSPACE/exports/judgments.FORMAT)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("generator", help="generator versions: list", parents=[ws],
                        description="List generator versions with their lineage.")
     p.add_argument("generator_command", choices=["list"])
@@ -372,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "users_command", None) not in (None, "list") and not args.username:
+        parser.error(f"users {args.users_command} needs a USERNAME")
     try:
         return args.func(args)
     except PathloopError as e:

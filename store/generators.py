@@ -1,16 +1,12 @@
 """Generator versions and their samples in the store.
 
-A version's folder is written under ``models/generators/.incoming-*`` first, then renamed
-to ``models/generators/<id>`` in the same transaction that registers the row, so a crash
-never leaves a registered version without its folder or a half-written folder under a
-real name.
+Version folders live in ``models/generators/<id>``, registered all or nothing
+(``store/versions.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +14,7 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from store import versions
 from store.errors import PathloopError
 from store.images import EncodedImage, register_images
 from store.models import GeneratorVersion, Image, Sample, Tile
@@ -30,9 +27,7 @@ def generators_dir(ws: Workspace) -> Path:
 
 def incoming_folder(ws: Workspace) -> Path:
     """A fresh folder to export a model into before it is registered."""
-    d = generators_dir(ws) / f".incoming-{uuid.uuid4().hex[:12]}"
-    d.mkdir(parents=True)
-    return d
+    return versions.incoming_folder(generators_dir(ws))
 
 
 def register_generator(ws: Workspace, engine: Engine, folder: Path, *, kind: str, config: dict,
@@ -40,18 +35,7 @@ def register_generator(ws: Workspace, engine: Engine, folder: Path, *, kind: str
     """Move an exported folder to ``models/generators/<id>`` and record it, all or nothing."""
     with Session(engine, expire_on_commit=False) as s:
         gv = GeneratorVersion(folder="", kind=kind, config=config, parent_id=parent_id, round_number=round_number)
-        s.add(gv)
-        s.flush()
-        final = generators_dir(ws) / str(gv.id)
-        if final.exists():  # left by a transaction that rolled back after its rename
-            shutil.rmtree(final)
-        folder.rename(final)
-        gv.folder = str(final.relative_to(ws.root))
-        try:
-            s.commit()
-        except BaseException:
-            shutil.rmtree(final, ignore_errors=True)
-            raise
+        versions.commit_with_folder(ws, s, gv, folder, generators_dir(ws))
         return gv
 
 

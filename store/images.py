@@ -135,3 +135,14 @@ def register_images(s, sizes: dict[str, tuple[int, int]]) -> dict[str, int]:
     s.flush()
     ids.update({im.sha256: im.id for im in new})
     return ids
+
+
+def load_rgb(path: Path, size: int) -> np.ndarray:
+    """An ``(size, size, 3)`` uint8 tile; a clear error for a missing or wrong-size file."""
+    if not Path(path).is_file():
+        raise PathloopError(f"tile image {path} is missing from the workspace")
+    with PILImage.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    if rgb.shape[:2] != (size, size):
+        raise PathloopError(f"tile image {path} is {rgb.shape[1]}x{rgb.shape[0]}; expected {size}x{size}")
+    return rgb

@@ -7,10 +7,11 @@ than indices, so reordering the class list never relabels data.
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, CheckConstraint, DateTime, MetaData, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, CheckConstraint, DateTime, Index, MetaData, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 # Named constraints, so Alembic can alter them later (SQLite batch mode needs the names).
@@ -30,6 +31,18 @@ VERDICTS = ("plausible", "implausible", "unsure", "retracted")
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def as_utc(dt: datetime | None) -> datetime | None:
+    """``dt`` as an aware UTC datetime; naive ones (SQLite returns those) are taken as UTC."""
+    if dt is None:
+        return None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def new_queue_key() -> int:
+    """A sample's place in the queue's stable random order (31 bits: an INTEGER everywhere)."""
+    return secrets.randbits(31)
 
 
 def _created() -> Any:
@@ -101,6 +114,8 @@ class Sample(SQLModel, table=True):
         UniqueConstraint(
             "generator_id", "class_name", "seed", "sampler", "steps", "guidance", name="uq_sample_recipe"
         ),
+        # The queue scans open samples (few ratings) in key order; see store/queue.py.
+        Index("ix_sample_queue", "current_ratings", "queue_key"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -113,6 +128,11 @@ class Sample(SQLModel, table=True):
     guidance: float = 0.0
     round_number: int | None = Field(default=None, index=True)
     created_at: datetime = _created()
+    # Queue state. current_ratings counts current plausible/implausible judgments: a cache of
+    # what store.judgments defines, kept in step by record_judgment and undo_last (and
+    # rebuilt by recount_ratings), so finding an open sample never counts judgment rows.
+    current_ratings: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    queue_key: int = Field(default_factory=new_queue_key, sa_column_kwargs={"server_default": "0"})
 
 
 class Annotator(SQLModel, table=True):
@@ -125,6 +145,10 @@ class Annotator(SQLModel, table=True):
     email: str | None = Field(default=None, unique=True)
     active: bool = True
     created_at: datetime = _created()
+    # Failed sign-ins since the last success, in the database so the back-off holds across
+    # processes (store/accounts.py).
+    failed_logins: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    last_failed_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
 
 
 class Lease(SQLModel, table=True):
@@ -148,6 +172,10 @@ class Judgment(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("annotator_id", "request_id", name="uq_judgment_request"),
         CheckConstraint("(sample_id IS NULL) <> (tile_id IS NULL)", name="one_item"),
+        # Also covers progress()'s pass over one annotator's judgments (no table look-ups).
+        Index("ix_judgment_annotator_sample", "annotator_id", "sample_id", "verdict", "created_at", "id"),
+        Index("ix_judgment_annotator_tile", "annotator_id", "tile_id"),
+        Index("ix_judgment_annotator_supersedes", "annotator_id", "supersedes_id"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -159,7 +187,8 @@ class Judgment(SQLModel, table=True):
     comment: str = ""
     seconds: float | None = None
     request_id: str
-    supersedes_id: int | None = Field(default=None, foreign_key="judgment.id", index=True)
+    # Unique: a row is superseded at most once, so two racing edits cannot fork the history.
+    supersedes_id: int | None = Field(default=None, foreign_key="judgment.id", index=True, unique=True)
     created_at: datetime = _created()
 
 
@@ -181,7 +210,11 @@ class RewardScore(SQLModel, table=True):
     """p(plausible) for one sample under one reward version."""
 
     __tablename__ = "reward_score"
-    __table_args__ = (UniqueConstraint("sample_id", "reward_id", name="uq_reward_score"),)
+    __table_args__ = (
+        UniqueConstraint("sample_id", "reward_id", name="uq_reward_score"),
+        # Most uncertain first (store/queue.py orders by exactly this expression).
+        Index("ix_reward_score_uncertainty", "reward_id", text("abs(probability - 0.5)"), "sample_id"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     sample_id: int = Field(foreign_key="sample.id", index=True)

@@ -12,6 +12,8 @@ import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -393,16 +395,22 @@ def _read_here(
 
 def _read_in_pool(path: str, specs: list[TileSpec], out_size: int, workers: int, chunk: int):
     chunks = [specs[i : i + chunk] for i in range(0, len(specs), chunk)]
-    # spawn: forking a parent that holds torch or OpenSlide threads can deadlock.
+    # spawn: forking a parent that holds torch or OpenSlide threads can deadlock. An executor,
+    # not multiprocessing.Pool: a worker that dies (say, on import) raises BrokenProcessPool
+    # here instead of being restarted forever.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(workers, len(chunks)), initializer=_open_worker, initargs=(path,)) as pool:
-        # A bounded window rather than imap: imap runs ahead of a slow consumer (the database)
+    with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx, initializer=_open_worker,
+                             initargs=(path,)) as pool:
+        # A bounded window rather than map: map runs ahead of a slow consumer (the database)
         # and would hold every encoded tile of the slide in memory.
         pending = deque()
-        for chunk_specs in chunks:
-            pending.append((chunk_specs, pool.apply_async(_read_chunk, ((chunk_specs, out_size),))))
-            if len(pending) > 2 * workers:
-                done, result = pending.popleft()
-                yield from zip(done, result.get())
-        for done, result in pending:
-            yield from zip(done, result.get())
+        try:
+            for chunk_specs in chunks:
+                pending.append((chunk_specs, pool.submit(_read_chunk, (chunk_specs, out_size))))
+                if len(pending) > 2 * workers:
+                    done, future = pending.popleft()
+                    yield from zip(done, future.result())
+            for done, future in pending:
+                yield from zip(done, future.result())
+        except BrokenProcessPool as e:
+            raise PathloopError(f"{path}: a tile-reading worker process died ({e}); retry with --workers 1") from None

@@ -6,6 +6,7 @@ from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from store.judgments import is_current
 from store.models import (
     SPLITS,
     Annotator,
@@ -32,9 +33,7 @@ def workspace_status(engine: Engine, classes: list[str]) -> dict:
         samples = {c: 0 for c in classes}
         for cls, n in s.exec(select(Sample.class_name, func.count()).group_by(Sample.class_name)).all():
             samples[cls] = n
-        superseded = select(Judgment.supersedes_id).where(Judgment.supersedes_id.is_not(None))
-        current = s.exec(select(func.count()).select_from(Judgment).where(
-            Judgment.id.not_in(superseded), Judgment.verdict != "retracted")).one()
+        current = s.exec(select(func.count()).select_from(Judgment).where(is_current())).one()
         return {
             "slides": count(Slide),
             "tiles": tiles,

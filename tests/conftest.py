@@ -26,6 +26,15 @@ BACKENDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture(autouse=True)
+def _keep_main_module():
+    """Streamlit's AppTest leaves the app script as ``__main__``; spawned worker processes
+    (slide reading) would re-run it on start. Put the real one back after every test."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
+
+
+@pytest.fixture(autouse=True)
 def _no_ambient_workspace(monkeypatch):
     """Tests never pick up a developer's own workspace or database from the environment."""
     monkeypatch.delenv("PATHLOOP_DATABASE_URL", raising=False)

@@ -9,10 +9,12 @@ import tomllib
 
 import pytest
 
+from store.db import head_revision
 from store.errors import PathloopError
 from store.workspace import DEFAULT_CRITERIA, Settings, Workspace, load_settings
 
-COMMANDS = ["init", "db", "demo-slide", "ingest", "import-tiles", "status"]
+COMMANDS = ["init", "db", "demo-slide", "ingest", "import-tiles", "status", "pretrain", "import-model", "generate",
+            "generator", "annotate", "users", "export"]
 
 
 def run(exe, *args, env=None, ok=True):
@@ -64,7 +66,7 @@ def test_init_then_status(pathloop_exe, tmp_path, backend, request):
     assert "tumour" in env_out
     cwd_out = subprocess.run([pathloop_exe, "status"], cwd=tmp_path / "ws", capture_output=True, text=True)
     assert cwd_out.returncode == 0 and "stroma" in cwd_out.stdout
-    assert "schema 0001" in run(pathloop_exe, "db", "current", "-w", tmp_path / "ws").stdout
+    assert f"schema {head_revision()}" in run(pathloop_exe, "db", "current", "-w", tmp_path / "ws").stdout
 
 
 def test_init_refuses_an_existing_workspace(pathloop_exe, tmp_path):
@@ -132,3 +134,18 @@ def test_database_url_from_environment_wins(tmp_path, monkeypatch):
     assert ws.database_url == f"sqlite:///{ws.root / 'pathloop.db'}"
     monkeypatch.setenv("PATHLOOP_DATABASE_URL", "postgresql+psycopg://lab@db/pathloop")
     assert Workspace.open(ws.root).database_url == "postgresql+psycopg://lab@db/pathloop"
+
+
+def test_users_and_export_from_the_cli(pathloop_exe, tmp_path):
+    ws = tmp_path / "ws"
+    run(pathloop_exe, "init", ws, "--classes", "a")
+    p = subprocess.run([pathloop_exe, "users", "add", "ada", "--role", "admin", "--password-stdin", "-w", ws],
+                       input="correct horse battery\n", capture_output=True, text=True)
+    assert p.returncode == 0 and "added admin ada" in p.stdout and "correct horse" not in p.stdout + p.stderr
+    out = run(pathloop_exe, "users", "add", "bo", "--generate-password", "-w", ws).stdout
+    assert "password (shown once): " in out
+    listing = run(pathloop_exe, "users", "list", "-w", ws).stdout
+    assert "ada" in listing and "bo" in listing and "scrypt" not in listing
+    assert "bo: disabled" in run(pathloop_exe, "users", "disable", "bo", "-w", ws).stdout
+    fails(run(pathloop_exe, "users", "add", "ada", "--generate-password", "-w", ws, ok=False), "'ada' already exists")
+    fails(run(pathloop_exe, "export", "judgments", "-w", ws, ok=False), "no judgments")
