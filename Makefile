@@ -12,7 +12,7 @@ DEMO_PORT ?= 8501
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint bench-ingest bench-generator clean-demo
+.PHONY: demo test install lint bench-ingest bench-generator bench-queue bench-reward clean-demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ bench-ingest: $(STAMP)
 
 bench-generator: $(STAMP)
 	$(PY) benchmarks/generator.py
+
+bench-queue: $(STAMP)
+	$(PY) benchmarks/queue.py
+
+bench-reward: $(STAMP)
+	$(PY) benchmarks/reward.py
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -232,6 +232,62 @@ def cmd_generator_list(args) -> int:
     return 0
 
 
+def cmd_train_reward(args) -> int:
+    from reward.config import RewardConfig
+    from reward.train import train_reward
+
+    ws, engine = _open(args)
+    cfg = RewardConfig(**_dataclass_args(args, RewardConfig))
+    v = train_reward(ws, engine, cfg)
+    if v is not None:
+        m = v.metrics
+        print(f"reward version {v.id}: {v.folder} ({v.backbone}; held-out experts: n={m['n']}, "
+              f"ROC-AUC {_fmt(m['roc_auc'])}, balanced accuracy {_fmt(m['balanced_accuracy'])}, "
+              f"Brier {_fmt(m['brier'])}, ECE {_fmt(m['ece'])} (uncalibrated {_fmt(m['ece_uncalibrated'])}), "
+              f"T={m['temperature']:.2f}, best epoch {m['best_epoch']}/{m['epochs_run']})")
+    return 0
+
+
+def _fmt(x, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def cmd_score(args) -> int:
+    from reward.score import score_samples
+
+    ws, engine = _open(args)
+    which = args.samples
+    if which not in ("unscored", "all"):
+        try:
+            which = int(which)
+        except ValueError:
+            raise PathloopError(f"--samples {which!r}; expected unscored, all or a round number") from None
+    r = score_samples(ws, engine, args.reward, which, batch_size=args.batch_size)
+    print(f"reward version {r.reward_id}: {r.scored} samples scored, {r.skipped} already scored")
+    return 0
+
+
+def cmd_reward_list(args) -> int:
+    from store.rewards import current_reward_id, list_rewards, score_counts
+
+    ws, engine = _open(args)
+    rows = list_rewards(engine)
+    if not rows:
+        print("no reward versions yet; `pathloop train-reward` trains one from the judgments")
+        return 0
+    current, scored = current_reward_id(engine), score_counts(engine)
+    print("held-out expert metrics (temperature-calibrated); * = current (the newest, used by `score` and the queue)")
+    print(f"{'':1}{'id':>4}  {'backbone':<18} {'judg.':>6} {'n test':>6} {'ROC-AUC':>7} {'bal.acc':>7} {'Brier':>6} "
+          f"{'ECE':>6} {'T':>5} {'scored':>7}  created")
+    for r in rows:
+        m = r.metrics
+        print(f"{'*' if r.id == current else ' '}{r.id:>4}  {r.backbone[:18]:<18} "
+              f"{len(r.data_manifest.get('judgment_ids', [])):>6} {m.get('n', 0):>6} {_fmt(m.get('roc_auc')):>7} "
+              f"{_fmt(m.get('balanced_accuracy')):>7} {_fmt(m.get('brier')):>6} {_fmt(m.get('ece')):>6} "
+              f"{_fmt(m.get('temperature'), 2):>5} {scored.get(r.id, 0):>7}  {r.created_at:%Y-%m-%d %H:%M}")
+    return 0
+
+
 def cmd_annotate(args) -> int:
     from annotate_app.launch import serve
     from store.workspace import Workspace
@@ -424,6 +480,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, metavar="B")
     p.add_argument("--round", type=int, metavar="N", help="round number recorded on the samples")
     p.set_defaults(func=cmd_generate)
+
+    from reward.config import RewardConfig
+
+    p = sub.add_parser("train-reward", help="train a reward model on the judgments (timm backbone + class head)",
+                       parents=[ws], description="Learn p(plausible | image, class) from the experts' current "
+                       "judgments plus weak labels from real tiles; early stopping on validation ROC-AUC, "
+                       "temperature scaling, held-out metrics; registers a reward version. Backbone weights only "
+                       "from a local file (--backbone-weights).")
+    _add_dataclass_options(p, RewardConfig, {"train_epochs": ["--epochs"], "train_batch_size": ["--batch-size"],
+                                             "train_learning_rate": ["--lr"], "backbone_weights": ["--weights"]})
+    p.set_defaults(func=cmd_train_reward)
+
+    p = sub.add_parser("score", help="score samples with a reward version (feeds the rating queue)", parents=[ws],
+                       description="Batched inference; writes one score per sample and version, skipping those "
+                       "already scored. The rating queue shows the most uncertain samples first.")
+    p.add_argument("--reward", default="current", metavar="ID", help="reward version id, or current (the newest)")
+    p.add_argument("--samples", default="unscored", metavar="unscored|all|ROUND",
+                   help="unscored (no score from any version), all, or a round number (default unscored)")
+    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="B")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("reward", help="reward versions: list with metrics side by side", parents=[ws],
+                       description="Every reward version with its held-out metrics, and which one is current.")
+    p.add_argument("reward_command", choices=["list"])
+    p.set_defaults(func=cmd_reward_list)
 
     p = sub.add_parser("annotate", help="serve the rating app (Streamlit) for this workspace", parents=[ws],
                        description="Serve the browser app where pathologists rate tiles and admins see progress, "
