@@ -155,13 +155,21 @@ def test_random_order_is_stable_per_annotator_and_differs_between_them(engine, w
     ws = ws_of(overlap=2)
     add_samples(engine, 30)
     a, b = add_annotators(engine, "ada", "bob")
+    # Keys are random per sample; spaced evenly here so that the outcome does not depend on
+    # whether both annotators' start points happen to fall between the same two keys.
     with Session(engine) as s:
+        for i, sample in enumerate(s.exec(select(Sample).order_by(Sample.id)).all()):
+            sample.queue_key = (i * 7919 % 30) * (KEY_SPACE // 30)
+            s.add(sample)
+        s.commit()
         keys = dict(s.exec(select(Sample.id, Sample.queue_key)).all())
-    order_a = [i.item_id for i in rate_all(ws, engine, a)]
-    start = _mix("order", 0, a) % KEY_SPACE
-    assert order_a == sorted(keys, key=lambda sid: ((keys[sid] - start) % KEY_SPACE, sid))
-    order_b = [i.item_id for i in rate_all(ws, engine, b)]
-    assert sorted(order_b) == sorted(order_a) and order_b != order_a
+    orders = []
+    for annotator in (a, b):
+        order = [i.item_id for i in rate_all(ws, engine, annotator)]
+        start = _mix("order", 0, annotator) % KEY_SPACE
+        assert order == sorted(keys, key=lambda sid: ((keys[sid] - start) % KEY_SPACE, sid))  # stable per annotator
+        orders.append(order)
+    assert sorted(orders[1]) == sorted(orders[0]) and orders[1] != orders[0]
 
 
 def test_most_uncertain_first_under_the_newest_scored_reward_version(engine, ws_of):
