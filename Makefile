@@ -12,7 +12,7 @@ DEMO_PORT ?= 8501
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint bench-ingest bench-generator bench-queue bench-reward clean-demo
+.PHONY: demo test install lint bench-ingest bench-generator bench-queue bench-reward bench-finetune clean-demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,9 @@ bench-queue: $(STAMP)
 
 bench-reward: $(STAMP)
 	$(PY) benchmarks/reward.py
+
+bench-finetune: $(STAMP)
+	$(PY) benchmarks/finetune.py
 
 clean-demo:
 	rm -rf $(DEMO)

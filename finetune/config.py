@@ -50,13 +50,86 @@ class PretrainConfig:
             (self.run_name and "/" not in self.run_name and not self.run_name.startswith("."),
              "run_name must be a plain folder name"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise PathloopError(f"{message} (got {self._value_for(message)})")
-
-    def _value_for(self, message: str):
-        name = message.split()[0]
-        return getattr(self, name, "?")
+        _raise_first_failed(self, checks)
 
     # Fields that may change between a checkpoint and its resumption.
     RESUMABLE_CHANGES = ("log_with", "checkpoint_every", "checkpoints_keep")
+
+
+def _raise_first_failed(cfg, checks: list[tuple[bool, str]]) -> None:
+    """Raise the first failed check as ``"<field> must ... (got <value>)"``."""
+    for ok, message in checks:
+        if not ok:
+            raise PathloopError(f"{message} (got {getattr(cfg, message.split()[0], '?')!s})")
+
+
+WEIGHTINGS = ("reward", "binary", "normalized")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that defines a reward-weighted fine-tuning run (DESIGN.md, "The fine-tuning objective").
+
+    Each optimizer step sees ``train_batch_size`` synthetic tiles (weighted) and as many real
+    train tiles per process and micro-batch, in one forward pass.
+    """
+
+    train_steps: int = field(default=500, metadata={"help": "optimizer steps"})
+    train_batch_size: int = field(default=16, metadata={
+        "help": "synthetic tiles per process per micro-batch; as many real tiles join them"})
+    train_gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    train_learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate"})
+    train_lr_warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then constant"})
+    train_adam_weight_decay: float = field(default=1e-6, metadata={"help": "AdamW weight decay"})
+    train_max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    train_class_dropout: float = field(default=0.1, metadata={
+        "help": "share of tiles trained without class, keeping classifier-free guidance"})
+    train_augment: bool = field(default=True, metadata={"help": "random flips and 90° rotations"})
+    beta: float = field(default=0.3, metadata={
+        "help": "weight of the real-tile denoising term, the regulariser (Sun et al. use 0.3)"})
+    weighting: str = field(default="reward", metadata={
+        "help": "sample weights: reward (probability as is), binary (1 at or above the threshold, else 0), "
+                "normalized (divided by the batch mean)"})
+    weighting_threshold: float = field(default=0.5, metadata={"help": "threshold of the binary weighting"})
+    weighting_min_ratings: int = field(default=2, metadata={
+        "help": "a sample with at least this many current plausible/implausible judgments is weighted by the "
+                "experts' share of plausible, otherwise by the reward model"})
+    samples: str = field(default="all", metadata={"help": "synthetic tiles to learn from: all, or a round number"})
+    ema_decay: float = field(default=0.9999, metadata={"help": "maximum EMA decay (warm-up from 0)"})
+    mixed_precision: str = field(default="auto", metadata={"help": "no | fp16 | bf16 | auto (bf16/fp16 on GPU, none on CPU)"})
+    checkpoint_every: int = field(default=100, metadata={"help": "save_state every N steps"})
+    checkpoints_keep: int = field(default=2, metadata={"help": "checkpoints kept in the run folder"})
+    seed: int = field(default=0, metadata={"help": "seed of batches and noise"})
+    log_with: str | None = field(default=None, metadata={"help": "accelerate tracker, e.g. tensorboard"})
+    run_name: str = field(default="finetune", metadata={"help": "folder under runs/ for checkpoints and logs"})
+
+    def __post_init__(self) -> None:
+        self.samples = str(self.samples).strip().lower()
+        checks = [
+            (self.train_steps >= 1, "train_steps must be >= 1"),
+            (self.train_batch_size >= 1, "train_batch_size must be >= 1"),
+            (self.train_gradient_accumulation_steps >= 1, "train_gradient_accumulation_steps must be >= 1"),
+            (self.train_learning_rate > 0, "train_learning_rate must be > 0"),
+            (self.train_lr_warmup_steps >= 0, "train_lr_warmup_steps must be >= 0"),
+            (self.train_max_grad_norm > 0, "train_max_grad_norm must be > 0"),
+            (0 <= self.train_class_dropout < 1, "train_class_dropout must be in [0, 1)"),
+            (self.beta >= 0, "beta must be >= 0"),
+            (self.weighting in WEIGHTINGS, f"weighting must be one of {', '.join(WEIGHTINGS)}"),
+            (0 <= self.weighting_threshold <= 1, "weighting_threshold must be in [0, 1]"),
+            (self.weighting_min_ratings >= 1, "weighting_min_ratings must be >= 1"),
+            (self.samples == "all" or self.samples.isdigit(), "samples must be all or a round number"),
+            (0 < self.ema_decay < 1, "ema_decay must be in (0, 1)"),
+            (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (self.checkpoints_keep >= 1, "checkpoints_keep must be >= 1"),
+            (self.mixed_precision in ("no", "fp16", "bf16", "auto"), "mixed_precision must be no, fp16, bf16 or auto"),
+            (self.run_name and "/" not in self.run_name and not self.run_name.startswith("."),
+             "run_name must be a plain folder name"),
+        ]
+        _raise_first_failed(self, checks)
+
+    @property
+    def sample_selection(self) -> str | int:
+        """``"all"`` or the round number, as ``store.rewards`` selects samples."""
+        return "all" if self.samples == "all" else int(self.samples)
+
+    RESUMABLE_CHANGES = PretrainConfig.RESUMABLE_CHANGES

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -28,6 +27,15 @@ from tqdm.auto import tqdm
 
 from finetune.config import PretrainConfig
 from finetune.data import StepBatches, TileSet, dihedral, step_generator, to_model_range
+from finetune.runs import (
+    check_launch,
+    check_resumable,
+    checkpoint_step,
+    resolve_mixed_precision,
+    resume_point,
+    save_checkpoint,
+    write_json,
+)
 from finetune.unet import build_unet, check_size, null_class
 from store.errors import PathloopError
 from store.generators import incoming_folder, register_generator, training_tiles
@@ -35,24 +43,6 @@ from store.models import GeneratorVersion
 from store.workspace import Workspace
 
 CONFIG_FILE = "pathloop.json"
-
-
-def resolve_mixed_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
-
-def check_launch(accelerator: Accelerator) -> None:
-    """Refuse a multi-process launch that accelerate did not set up (each process would act alone)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and accelerator.num_processes != world:
-        raise PathloopError(
-            f"launched as {world} processes but accelerate sees {accelerator.num_processes}; on CPUs launch with "
-            "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ..."
-        )
 
 
 def make_noise_scheduler(cfg: PretrainConfig) -> DDPMScheduler:
@@ -96,27 +86,6 @@ def denoising_update(accelerator: Accelerator, unet, optimizer, lr_scheduler, in
     return loss
 
 
-def _checkpoints(run_dir: Path) -> list[Path]:
-    ckpts = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def _check_resumable(run_dir: Path, cfg: PretrainConfig, ws: Workspace) -> None:
-    saved_file = run_dir / "config.json"
-    if not saved_file.is_file():
-        raise PathloopError(f"{run_dir} has no config.json; it is not a pathloop pretraining run")
-    saved = json.loads(saved_file.read_text())
-    now = {**asdict(cfg), "classes": ws.settings.classes, "tile_size": ws.settings.tile_size}
-    for key, value in now.items():
-        if key in PretrainConfig.RESUMABLE_CHANGES:
-            continue
-        if saved.get(key) != value:
-            raise PathloopError(
-                f"checkpoint in {run_dir} was made with {key} = {saved.get(key)!r}, not {value!r}; "
-                "resume with the same settings or start a new --run-name"
-            )
-
-
 def export_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, folder: Path, info: dict) -> None:
     """Write a diffusers ``DDPMPipeline`` folder (``unet/``, ``scheduler/``) plus ``pathloop.json``."""
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder, safe_serialization=True)
@@ -133,10 +102,7 @@ def pretrain(ws: Workspace, engine: Engine, cfg: PretrainConfig, *, resume: str 
     tile_size, classes = ws.settings.tile_size, ws.settings.classes
     check_size(cfg.preset, tile_size)
     run_dir = ws.runs_dir / cfg.run_name
-    if resume == "auto":
-        resume = "latest" if _checkpoints(run_dir) else None
-    if resume is None and _checkpoints(run_dir):
-        raise PathloopError(f"run folder {run_dir} already has checkpoints; pass --resume latest or a new --run-name")
+    ckpt = resume_point(run_dir, resume)
     refs = training_tiles(ws, engine, "train")
 
     accelerator = Accelerator(
@@ -165,18 +131,13 @@ def pretrain(ws: Workspace, engine: Engine, cfg: PretrainConfig, *, resume: str 
     global_batch = cfg.train_batch_size * procs
     batches = StepBatches(len(data), global_batch, cfg.seed)
     first_step = 0
-    if resume is not None:
-        ckpts = _checkpoints(run_dir)
-        ckpt = ckpts[-1] if resume == "latest" and ckpts else Path(resume) if resume != "latest" else None
-        if ckpt is None or not ckpt.is_dir():
-            raise PathloopError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}")
-        _check_resumable(run_dir, cfg, ws)
+    run_config = {**asdict(cfg), "classes": classes, "tile_size": tile_size}
+    if ckpt is not None:
+        check_resumable(run_dir, run_config, PretrainConfig.RESUMABLE_CHANGES)
         accelerator.load_state(str(ckpt))
-        first_step = int(ckpt.name.split("-")[-1])
+        first_step = checkpoint_step(ckpt)
     elif accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved = {**asdict(cfg), "classes": classes, "tile_size": tile_size}
-        (run_dir / "config.json").write_text(json.dumps(saved, indent=2))
+        write_json(run_dir / "config.json", run_config)
     if cfg.log_with:
         accelerator.init_trackers("pathloop-pretrain", config={k: v for k, v in asdict(cfg).items() if v is not None})
 
@@ -208,7 +169,7 @@ def pretrain(ws: Workspace, engine: Engine, cfg: PretrainConfig, *, resume: str 
         accelerator.log({"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "ema_decay": ema.cur_decay_value},
                         step=done)
         if done % cfg.checkpoint_every == 0 or done == cfg.train_steps:
-            _save_checkpoint(accelerator, run_dir, done, cfg.checkpoints_keep)
+            save_checkpoint(accelerator, run_dir, done, cfg.checkpoints_keep)
     bar.close()
     if stop_after is not None and end < cfg.train_steps:
         accelerator.end_training()
@@ -239,21 +200,3 @@ def pretrain(ws: Workspace, engine: Engine, cfg: PretrainConfig, *, resume: str 
     accelerator.end_training()  # also ends the process group: nothing collective after this
     return version
 
-
-def _save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> None:
-    """``save_state`` into a temporary folder renamed when complete, then prune old ones."""
-    ckdir = run_dir / "checkpoints"
-    target = ckdir / f"checkpoint-{step}"
-    tmp = ckdir / f".partial-{step}"
-    if accelerator.is_main_process:
-        ckdir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        for old in _checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()

@@ -217,6 +217,42 @@ def _generator_id(engine, text: str) -> int:
         raise PathloopError(f"--model {text!r}; expected a generator version id or 'latest'") from None
 
 
+def cmd_finetune(args) -> int:
+    from finetune.config import FinetuneConfig
+    from finetune.train import finetune
+    from reward.score import load_reward
+
+    ws, engine = _open(args)
+    cfg = FinetuneConfig(**_dataclass_args(args, FinetuneConfig))
+    parent_id = _finetune_parent(engine, args.parent)
+    reward_fn = load_reward(ws, engine, args.reward, device=_process_device())
+    v = finetune(ws, engine, cfg, reward_fn, parent_id=parent_id, reward_id=reward_fn.reward_id,
+                 round_number=args.round, resume=args.resume)
+    if v is not None:
+        c = v.config
+        print(f"generator version {v.id}: {v.folder} (fine-tuned from version {parent_id} with reward version "
+              f"{c['reward_id']}; {len(c['samples'])} samples, {c['weight_sources']['experts']} weighted by experts; "
+              f"{cfg.weighting} weights, mean {c['mean_weight']:.3f}; final loss {c['final_loss']:.4f} = synthetic "
+              f"{c['final_loss_synthetic']:.4f} + {cfg.beta:g} x real {c['final_loss_real']:.4f}; {c['seconds']} s)")
+    return 0
+
+
+def _finetune_parent(engine, text: str) -> int:
+    """The ``--from`` generator version: an id or ``latest``."""
+    if text != "latest" and not text.isdigit():
+        raise PathloopError(f"--from {text!r}; expected a generator version id or 'latest'")
+    return _generator_id(engine, text)
+
+
+def _process_device():
+    """This process's GPU under ``accelerate launch`` (LOCAL_RANK), else the reward model's default."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
+    return None
+
+
 def cmd_generator_list(args) -> int:
     from store.generators import list_generators
 
@@ -356,6 +392,48 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_round(args) -> int:
+    from pathloop import rounds
+
+    ws, engine = _open(args)
+    if args.round_command == "status":
+        return _round_status(ws, engine, args.json)
+    if args.if_due and not rounds.is_due(ws, engine):
+        return 0
+    options = rounds.RoundOptions(**_dataclass_args(args, rounds.RoundOptions))
+    done = rounds.advance(ws, engine, options, only=args.step)
+    if done.waiting_for:
+        print(done.waiting_for)
+    return 0
+
+
+def _round_status(ws, engine, as_json: bool) -> int:
+    from pathloop import rounds
+
+    rows = rounds.list_rounds(engine)
+    if as_json:
+        print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2, default=str))
+        return 0
+    if not rows:
+        print("no rounds yet; `pathloop round` starts the first from the newest generator")
+        return 0
+    print(f"{'round':>5}  {'state':<17} {'gen in':>6} {'reward':>6} {'gen out':>7} {'samples':>7} {'judged':>6} "
+          f"{'reward ROC-AUC':>14} {'plaus. in→out':>14}  {'started':<16}  finished")
+    for r in rows:
+        judged, samples = rounds.round_ratings(engine, r.number)
+        d = r.details
+        auc = (d.get("reward_metrics") or {}).get("roc_auc")
+        ev = d.get("evaluation") or {}
+        plaus = f"{ev['parent']:.2f}→{ev['child']:.2f}" if ev else "-"
+        print(f"{r.number:>5}  {r.state:<17} {r.generator_in_id or '-':>6} {r.reward_id or '-':>6} "
+              f"{r.generator_out_id or '-':>7} {samples:>7} {judged:>6} {_fmt(auc):>14} {plaus:>14}  "
+              f"{r.created_at:%Y-%m-%d %H:%M}  {f'{r.finished_at:%Y-%m-%d %H:%M}' if r.finished_at else '-'}"
+              f"{'  locked by ' + r.lock_owner if r.lock_owner else ''}")
+    if rounds.open_round(engine) and not rounds.is_due(ws, engine):
+        print(rounds.waiting_message(engine, rounds.open_round(engine), ws))
+    return 0
+
+
 def _dataclass_args(args, cls) -> dict:
     from dataclasses import fields
 
@@ -481,6 +559,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", type=int, metavar="N", help="round number recorded on the samples")
     p.set_defaults(func=cmd_generate)
 
+    from finetune.config import FinetuneConfig
+
+    p = sub.add_parser("finetune", help="reward-weighted fine-tuning of a generator version (one step of the loop)",
+                       parents=[ws], description="Fine-tune a generator version on its rated samples, each weighted "
+                       "by the experts' share of plausible (enough ratings) or the reward model's probability, plus "
+                       "beta x the denoising loss on real train tiles, in one forward pass; accelerate loop with EMA, "
+                       "checkpoints and resume; registers the result as a child generator version. "
+                       "Several GPUs: accelerate launch -m pathloop.cli finetune ...")
+    p.add_argument("--from", dest="parent", required=True, metavar="GEN_ID|latest",
+                   help="generator version to fine-tune, or latest")
+    p.add_argument("--reward", default="current", metavar="REWARD_ID|current",
+                   help="reward version weighting samples with too few ratings (default current: the newest)")
+    _add_dataclass_options(p, FinetuneConfig, {"train_steps": ["--steps"], "train_batch_size": ["--batch-size"],
+                                               "train_learning_rate": ["--lr"]})
+    p.add_argument("--round", type=int, metavar="N", help="round number recorded on the new version")
+    p.add_argument("--resume", metavar="latest|auto|DIR",
+                   help="resume the run from its latest (or a given) checkpoint; auto: resume if it has one")
+    p.set_defaults(func=cmd_finetune)
+
     from reward.config import RewardConfig
 
     p = sub.add_parser("train-reward", help="train a reward model on the judgments (timm backbone + class head)",
@@ -536,6 +633,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List generator versions with their lineage.")
     p.add_argument("generator_command", choices=["list"])
     p.set_defaults(func=cmd_generator_list)
+
+    from pathloop.rounds import RoundOptions
+
+    p = sub.add_parser("round", help="run the loop: generate, await ratings, reward, fine-tune, evaluate",
+                       parents=[ws], description="Advance the current round as far as it can and say what it waits "
+                       "for; a finished round starts the next one from its fine-tuned generator. Options apply when "
+                       "a round starts and are kept with it. For cron: pathloop round --if-due.")
+    p.add_argument("round_command", nargs="?", choices=["run", "status"], default="run",
+                   help="run (default) or status: the history of rounds")
+    p.add_argument("--if-due", action="store_true", help="do nothing (exit 0, quietly) while waiting for ratings")
+    p.add_argument("--json", action="store_true", help="status as JSON")
+    p.add_argument("--step", metavar="STATE", help="run only this step of the open round (refused out of order)")
+    _add_dataclass_options(p, RoundOptions, {})
+    p.set_defaults(func=cmd_round)
 
     p = sub.add_parser("status", help="what the workspace holds", parents=[ws],
                        description="Counts of slides, tiles per class and split, samples, judgments, versions.")

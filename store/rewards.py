@@ -168,14 +168,22 @@ def _selection(which: str | int):
     raise PathloopError(f"--samples {which!r}; expected unscored, all or a round number")
 
 
-def samples_to_score(ws: Workspace, engine: Engine, reward_id: int, which: str | int = "unscored") -> list[SampleImage]:
-    """The chosen samples (``_selection``) that ``reward_id`` has not scored yet, by id."""
-    scored_here = select(RewardScore.sample_id).where(RewardScore.reward_id == reward_id)
+def samples_to_score(ws: Workspace, engine: Engine, reward_id: int | None, which: str | int = "unscored"
+                     ) -> list[SampleImage]:
+    """The chosen samples (``_selection``) that ``reward_id`` has not scored yet, by id; every
+    chosen sample when ``reward_id`` is None."""
     q = (select(Sample.id, Image.path, Sample.class_name, Image.width, Image.height)
-         .join(Image, Image.id == Sample.image_id).where(_selection(which), Sample.id.not_in(scored_here)))
+         .join(Image, Image.id == Sample.image_id).where(_selection(which)))
+    if reward_id is not None:
+        q = q.where(Sample.id.not_in(select(RewardScore.sample_id).where(RewardScore.reward_id == reward_id)))
     with Session(engine) as s:
         rows = s.exec(q.order_by(Sample.id)).all()
     return [SampleImage(sid, ws.root / path, cls, w, h) for sid, path, cls, w, h in rows]
+
+
+def selected_samples(ws: Workspace, engine: Engine, which: str | int = "all") -> list[SampleImage]:
+    """Every sample of a selection: ``all``, ``unscored`` or a round number."""
+    return samples_to_score(ws, engine, None, which)
 
 
 def already_scored(engine: Engine, reward_id: int, which: str | int) -> int:

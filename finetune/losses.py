@@ -1,0 +1,75 @@
+"""The reward-weighted fine-tuning objective (DESIGN.md, "The fine-tuning objective").
+
+For B synthetic tiles x̃ᵢ with weights wᵢ and B real tiles xⱼ, all noised and denoised in
+ONE forward pass over the concatenated batch (synthetic first):
+
+    L = (1/B) Σᵢ wᵢ ‖ε − ε_θ(x̃ᵢ)‖²  +  β (1/B) Σⱼ ‖ε − ε_θ(xⱼ)‖²
+
+the reward-weighted likelihood of Lee et al. (2023) with the real tiles as regulariser, as
+in Sun et al. (2023). ‖·‖² is the mean over pixels and channels, so with all weights 1 and
+β = 1 the loss is twice pretraining's ``F.mse_loss``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from finetune.config import WEIGHTINGS
+
+
+class WeightedLoss(NamedTuple):
+    """``total`` is what ``backward`` sees; the two terms (before β) are for logging. All scalars."""
+
+    total: torch.Tensor
+    synthetic: torch.Tensor
+    real: torch.Tensor
+
+
+def per_sample_error(pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` prediction and target → ``(B,)`` squared error, mean over C, H, W (in float32)."""
+    if pred.shape != noise.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and noise {tuple(noise.shape)} differ in shape")
+    return (pred.float() - noise.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def reward_weighted_loss(pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor, beta: float) -> WeightedLoss:
+    """The objective over one concatenated batch.
+
+    ``pred``, ``noise``: ``(B_s + B_r, C, H, W)``, the ``B_s`` synthetic tiles first, then the
+    ``B_r`` real ones; ``weights``: ``(B_s,)`` one per synthetic tile. Each term is a mean over
+    its own tiles (``1/B`` of DESIGN.md when ``B_s = B_r = B``).
+    """
+    n = weights.shape[0]
+    if weights.ndim != 1 or not 0 < n < pred.shape[0]:
+        raise ValueError(f"weights {tuple(weights.shape)} must be (B_s,) with 0 < B_s < batch {pred.shape[0]}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, not {beta}")
+    err = per_sample_error(pred, noise)
+    synthetic = (weights.to(err.device, err.dtype) * err[:n]).mean()
+    real = err[n:].mean()
+    return WeightedLoss(synthetic + beta * real, synthetic, real)
+
+
+def sample_weights(expert_targets: torch.Tensor, reward_probs: torch.Tensor, mode: str = "reward",
+                   threshold: float = 0.5) -> torch.Tensor:
+    """``(B,)`` weights of synthetic tiles from their plausibility.
+
+    ``expert_targets``: ``(B,)`` the experts' share of plausible judgments, NaN where a tile
+    has too few ratings; ``reward_probs``: ``(B,)`` calibrated p(plausible) from the reward
+    model, used where the experts' verdict is NaN. Modes: ``reward`` the plausibility as is;
+    ``binary`` 1 where it is >= ``threshold``, else 0; ``normalized`` divided by the batch
+    mean (all zeros stay zeros).
+    """
+    if mode not in WEIGHTINGS:
+        raise ValueError(f"weighting {mode!r}; expected one of: {', '.join(WEIGHTINGS)}")
+    p = torch.where(torch.isnan(expert_targets), reward_probs, expert_targets).float()
+    if torch.isnan(p).any():
+        raise ValueError("a tile has neither an experts' verdict nor a reward probability")
+    if mode == "binary":
+        return (p >= threshold).float()
+    if mode == "normalized":
+        mean = p.mean()
+        return p / mean if mean > 0 else torch.zeros_like(p)
+    return p

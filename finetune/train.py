@@ -1,0 +1,370 @@
+"""Reward-weighted fine-tuning of a generator version: one step of the loop.
+
+The synthetic set is the chosen samples, each weighted by the experts' share of plausible
+judgments when it has enough ratings, else by the reward model's calibrated probability;
+the real set is the workspace's train tiles. Every optimizer step denoises B synthetic and
+B real tiles in one forward pass (``finetune.losses``). The loop is pretraining's
+(``accumulate`` → ``backward`` → clip on sync → ``step``; EMA; ``save_state`` checkpoints;
+batches and noise a pure function of (seed, step)), and the result is exported as a
+diffusers ``DDPMPipeline`` folder registered as a child ``GeneratorVersion``.
+
+The reward arrives as a plain function ``reward_fn(images uint8 (B, 3, H, W), class_ids
+(B,)) -> (B,) probabilities``; this package never imports ``reward/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from sqlalchemy.engine import Engine
+from tqdm.auto import tqdm
+
+from finetune.config import FinetuneConfig
+from finetune.data import StepBatches, TileSet, step_generator
+from finetune.losses import WeightedLoss, reward_weighted_loss, sample_weights
+from finetune.pretrain import denoising_batch, export_pipeline
+from finetune.registry import load_generator, version_info
+from finetune.runs import (
+    check_launch,
+    check_resumable,
+    checkpoint_step,
+    resolve_mixed_precision,
+    resume_point,
+    save_checkpoint,
+    write_json,
+)
+from store.errors import PathloopError
+from store.generators import incoming_folder, register_generator, training_tiles
+from store.images import load_rgb
+from store.models import GeneratorVersion
+from store.rewards import rated_samples, scores_of, selected_samples
+from store.workspace import Workspace
+
+RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DATA_FILE = "data.json"  # the frozen training data of a run: resuming never re-reads judgments
+REWARD_BATCH = 64
+
+
+@dataclass(frozen=True)
+class WeightedSample:
+    """A synthetic tile and where its weight comes from: the experts, or the reward model."""
+
+    sample_id: int
+    path: Path
+    class_name: str
+    source: str  # experts | reward
+    plausibility: float  # experts' share of plausible, or p(plausible) from the reward model
+    ratings: int
+    judgment_ids: tuple[int, ...]
+
+
+def check_reward_fits(reward_fn: RewardFn | None, reward_id: int | None, classes: list[str], tile_size: int) -> None:
+    """Refuse a reward function made for other classes, another tile size or another version."""
+    if reward_fn is None:
+        return
+    own_id = getattr(reward_fn, "reward_id", None)
+    if own_id is not None and reward_id is not None and own_id != reward_id:
+        raise PathloopError(f"the reward function is reward version {own_id}, not version {reward_id}")
+    name = f"reward version {reward_id if reward_id is not None else own_id}"
+    got = getattr(reward_fn, "classes", None)
+    if got is not None and list(got) != list(classes):
+        raise PathloopError(f"{name} was trained for classes {list(got)} but the workspace has {list(classes)}")
+    size = getattr(reward_fn, "image_size", None)
+    if size is not None and size != tile_size:
+        raise PathloopError(f"{name} takes {size} px tiles; the workspace tile_size is {tile_size}")
+
+
+def reward_probabilities(reward_fn: RewardFn, paths: list[Path], class_ids: list[int], size: int, *,
+                         progress: bool = False) -> list[float]:
+    """p(plausible) of each tile, in batches of ``REWARD_BATCH``: ``(N,)`` floats in [0, 1]."""
+    out: list[float] = []
+    bar = tqdm(total=len(paths), desc="reward", unit="img", disable=not progress, leave=False)
+    for i in range(0, len(paths), REWARD_BATCH):
+        batch = np.stack([load_rgb(p, size) for p in paths[i:i + REWARD_BATCH]])
+        images = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+        ids = torch.tensor(class_ids[i:i + REWARD_BATCH], dtype=torch.long)
+        p = torch.as_tensor(reward_fn(images, ids)).detach().float().cpu()
+        if p.shape != (len(ids),) or not torch.isfinite(p).all() or p.min() < 0 or p.max() > 1:
+            raise PathloopError(f"the reward function returned {tuple(p.shape)} values for {len(ids)} tiles; "
+                                "expected one probability in [0, 1] per tile")
+        out.extend(p.tolist())
+        bar.update(len(ids))
+    bar.close()
+    return out
+
+
+def weighted_samples(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: RewardFn | None,
+                     reward_id: int | None, *, progress: bool = False) -> list[WeightedSample]:
+    """The chosen samples (``cfg.samples``), each with its weight source and plausibility.
+
+    Experts' verdict where a sample has at least ``cfg.weighting_min_ratings`` current
+    decisive judgments; else ``reward_fn`` when given, else the stored score of ``reward_id``.
+    """
+    classes, size, which = list(ws.settings.classes), ws.settings.tile_size, cfg.sample_selection
+    chosen = selected_samples(ws, engine, which)
+    if not chosen:
+        where = "the workspace" if which == "all" else f"round {which}"
+        raise PathloopError(f"{where} has no samples to fine-tune on; generate some first (`pathloop generate`)")
+    for s in chosen:
+        if s.class_name not in classes:
+            raise PathloopError(f"sample {s.sample_id} has class {s.class_name!r}; the workspace classes are {classes}")
+        if (s.width, s.height) != (size, size):
+            raise PathloopError(f"sample {s.sample_id} is {s.width}x{s.height} px; the workspace tile_size is {size}")
+    rated = {r.sample_id: r for r in rated_samples(ws, engine)}
+    enough = {s.sample_id for s in chosen
+              if s.sample_id in rated and rated[s.sample_id].ratings >= cfg.weighting_min_ratings}
+    need = [s for s in chosen if s.sample_id not in enough]
+    if need and reward_fn is not None:
+        probs = dict(zip((s.sample_id for s in need), reward_probabilities(
+            reward_fn, [s.path for s in need], [classes.index(s.class_name) for s in need], size, progress=progress)))
+    elif need:
+        probs = scores_of(engine, reward_id) if reward_id is not None else {}
+        missing = [s.sample_id for s in need if s.sample_id not in probs]
+        if missing:
+            by = f"no score from reward version {reward_id}" if reward_id is not None else "no reward score"
+            raise PathloopError(
+                f"{len(missing)} of {len(chosen)} samples (first: sample {missing[0]}) have fewer than "
+                f"{cfg.weighting_min_ratings} current plausible/implausible judgments and {by}; "
+                f"score them (`pathloop score --samples {cfg.samples}`) or rate them")
+    out = []
+    for s in chosen:
+        r = rated.get(s.sample_id)
+        if s.sample_id in enough:
+            out.append(WeightedSample(s.sample_id, s.path, s.class_name, "experts", r.target, r.ratings,
+                                      r.judgment_ids))
+        else:
+            out.append(WeightedSample(s.sample_id, s.path, s.class_name, "reward", float(probs[s.sample_id]),
+                                      r.ratings if r else 0, ()))
+    return out
+
+
+def _frozen_data(samples: list[WeightedSample], tile_ids: list[int]) -> dict:
+    return {"samples": [{"id": s.sample_id, "class": s.class_name, "source": s.source,
+                         "plausibility": s.plausibility, "ratings": s.ratings, "judgment_ids": list(s.judgment_ids)}
+                        for s in samples],
+            "train_tile_ids": tile_ids}
+
+
+def _thaw_data(ws: Workspace, engine: Engine, run_dir: Path) -> tuple[list[WeightedSample], list]:
+    """The samples and train tiles a run started with, from its ``data.json``."""
+    f = run_dir / DATA_FILE
+    if not f.is_file():
+        raise PathloopError(f"{run_dir} has no {DATA_FILE}; it is not a pathloop fine-tuning run")
+    data = json.loads(f.read_text())
+    paths = {s.sample_id: s.path for s in selected_samples(ws, engine, "all")}
+    tiles = {t.tile_id: t for t in training_tiles(ws, engine, "train")}
+    gone = [d["id"] for d in data["samples"] if d["id"] not in paths]
+    gone_tiles = [t for t in data["train_tile_ids"] if t not in tiles]
+    if gone or gone_tiles:
+        what = f"sample {gone[0]}" if gone else f"train tile {gone_tiles[0]}"
+        raise PathloopError(f"{what}, which the run in {run_dir} trains on, is no longer in the workspace; "
+                            "start a new --run-name")
+    samples = [WeightedSample(d["id"], paths[d["id"]], d["class"], d["source"], d["plausibility"], d["ratings"],
+                              tuple(d["judgment_ids"])) for d in data["samples"]]
+    return samples, [tiles[t] for t in data["train_tile_ids"]]
+
+
+def weight_sources(samples: list[WeightedSample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(expert_targets (N,), reward_probs (N,))``, NaN where the other source applies."""
+    nan = float("nan")
+    expert = torch.tensor([s.plausibility if s.source == "experts" else nan for s in samples], dtype=torch.float32)
+    reward = torch.tensor([s.plausibility if s.source == "reward" else nan for s in samples], dtype=torch.float32)
+    return expert, reward
+
+
+def weighted_update(accelerator: Accelerator, unet, optimizer, lr_scheduler, inputs, weights: torch.Tensor,
+                    beta: float, max_grad_norm: float) -> WeightedLoss:
+    """One micro-batch: one forward pass over synthetic + real tiles, then the standard update.
+
+    ``inputs``: ``denoising_batch``'s output for the concatenated batch (synthetic first);
+    ``weights``: ``(B_s,)``. Returns the loss and its two terms.
+    """
+    noisy, t, cls, noise = inputs
+    dev = accelerator.device
+    with accelerator.accumulate(unet):
+        pred = unet(noisy.to(dev), t.to(dev), class_labels=cls.to(dev)).sample
+        terms = reward_weighted_loss(pred, noise.to(dev), weights.to(dev), beta)
+        accelerator.backward(terms.total)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+    return terms
+
+
+def _check_parent(ws: Workspace, parent, classes: list[str]) -> None:
+    """Refuse a parent made for other class names, or one that does not predict the noise ε."""
+    predicts = parent.scheduler_config.get("prediction_type", "epsilon")
+    if predicts != "epsilon":
+        raise PathloopError(f"generator version {parent.id} predicts {predicts!r}; the fine-tuning objective "
+                            "needs an epsilon-prediction model")
+    made_for = version_info(ws, parent.record).get("classes")
+    if made_for is not None and list(made_for) != classes:
+        raise PathloopError(f"generator version {parent.id} was trained for classes {list(made_for)} "
+                            f"but the workspace has {classes}")
+
+
+def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: RewardFn | None, *, parent_id: int,
+             reward_id: int | None, round_number: int | None = None, resume: str | None = None,
+             stop_after: int | None = None, progress: bool = True) -> GeneratorVersion | None:
+    """Fine-tune generator version ``parent_id`` and register the child; ``None`` on non-main processes or when stopped.
+
+    ``reward_fn`` weights samples with too few ratings (``None``: use the stored scores of
+    ``reward_id``). ``resume``: ``"latest"``, ``"auto"`` (latest if there is one) or a
+    checkpoint folder of this run; a resumed run trains on the samples, weights and tiles it
+    started with. ``stop_after``: end after that many optimizer steps without exporting, as a
+    crash after a checkpoint would.
+    """
+    tile_size, classes = ws.settings.tile_size, list(ws.settings.classes)
+    check_reward_fits(reward_fn, reward_id, classes, tile_size)
+    run_dir = ws.runs_dir / cfg.run_name
+    ckpt = resume_point(run_dir, resume)
+    run_config = {**asdict(cfg), "classes": classes, "tile_size": tile_size, "parent_id": parent_id,
+                  "reward_id": reward_id, "round_number": round_number}
+    if ckpt is not None:
+        check_resumable(run_dir, run_config, FinetuneConfig.RESUMABLE_CHANGES)
+    parent = load_generator(ws, engine, parent_id, device="cpu")
+    _check_parent(ws, parent, classes)
+    if ckpt is not None:
+        samples, tiles = _thaw_data(ws, engine, run_dir)
+    else:
+        # Every process weighs the samples itself (the same reads, the same scores): no collective
+        # runs before training, so bad input fails on all processes alike instead of hanging one.
+        tiles = training_tiles(ws, engine, "train")
+        first_process = int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
+        samples = weighted_samples(ws, engine, cfg, reward_fn, reward_id, progress=progress and first_process)
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.train_gradient_accumulation_steps,
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        log_with=cfg.log_with,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+    check_launch(accelerator)
+    set_seed(cfg.seed)
+    synthetic = TileSet([s.path for s in samples], [classes.index(s.class_name) for s in samples], tile_size)
+    real = TileSet([t.path for t in tiles], [classes.index(t.class_name) for t in tiles], tile_size)
+    expert, reward = weight_sources(samples)
+    unet = parent.unet.train()
+    noise_scheduler = DDPMScheduler.from_config(parent.scheduler_config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train_learning_rate,
+                                  weight_decay=cfg.train_adam_weight_decay)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer=optimizer,
+                                 num_warmup_steps=cfg.train_lr_warmup_steps, num_training_steps=cfg.train_steps)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4,
+                   model_cls=UNet2DModel, model_config=unet.config)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+
+    procs, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.train_batch_size * procs
+    synthetic_batches = StepBatches(len(synthetic), global_batch, cfg.seed)
+    real_batches = StepBatches(len(real), global_batch, cfg.seed + 1)  # its own stream of permutations
+    first_step = 0
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        first_step = checkpoint_step(ckpt)
+    elif accelerator.is_main_process:
+        write_json(run_dir / "config.json", run_config)
+        write_json(run_dir / DATA_FILE, _frozen_data(samples, [t.tile_id for t in tiles]))
+    if cfg.log_with:
+        accelerator.init_trackers("pathloop-finetune", config={k: v for k, v in asdict(cfg).items() if v is not None})
+
+    bar = tqdm(total=cfg.train_steps, initial=first_step, desc="finetune", unit="step",
+               disable=not (progress and accelerator.is_local_main_process))
+    last = {"loss": float("nan"), "loss_synthetic": float("nan"), "loss_real": float("nan"), "mean_weight": float("nan")}
+    started = time.time()
+    end = cfg.train_steps if stop_after is None else min(cfg.train_steps, stop_after)
+    for step in range(first_step, end):
+        for micro in range(cfg.train_gradient_accumulation_steps):
+            position = step * cfg.train_gradient_accumulation_steps + micro
+            si = torch.from_numpy(synthetic_batches.indices(position, rank, procs))
+            ri = torch.from_numpy(real_batches.indices(position, rank, procs))
+            inputs = denoising_batch(
+                torch.cat([synthetic.images[si], real.images[ri]]),
+                torch.cat([synthetic.class_ids[si], real.class_ids[ri]]),
+                scheduler=noise_scheduler, g=step_generator(cfg.seed, step, micro, rank), null_id=parent.null_id,
+                class_dropout=cfg.train_class_dropout, augment=cfg.train_augment)
+            weights = sample_weights(expert[si], reward[si], cfg.weighting, cfg.weighting_threshold)
+            terms = weighted_update(accelerator, unet, optimizer, lr_scheduler, inputs, weights, cfg.beta,
+                                    cfg.train_max_grad_norm)
+        if not accelerator.sync_gradients:  # accumulate() syncs on the last micro-batch
+            raise RuntimeError("gradient accumulation fell out of step with the loop")
+        ema.step(unet.parameters())
+        figures = torch.stack([terms.total, terms.synthetic, terms.real, weights.mean().to(terms.total)]).detach()
+        figures = accelerator.gather(figures).reshape(procs, 4).mean(0).tolist()
+        last = dict(zip(last, figures))
+        if not math.isfinite(last["loss"]):
+            raise PathloopError(f"the loss became {last['loss']} at step {step + 1}; lower --lr or check the samples")
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", syn=f"{last['loss_synthetic']:.4f}",
+                        real=f"{last['loss_real']:.4f}", w=f"{last['mean_weight']:.2f}")
+        accelerator.log({**last, "lr": lr_scheduler.get_last_lr()[0], "ema_decay": ema.cur_decay_value}, step=done)
+        if done % cfg.checkpoint_every == 0 or done == cfg.train_steps:
+            save_checkpoint(accelerator, run_dir, done, cfg.checkpoints_keep)
+    bar.close()
+    if stop_after is not None and end < cfg.train_steps:
+        accelerator.end_training()
+        return None
+
+    version = None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = UNet2DModel.from_config(accelerator.unwrap_model(unet).config)
+        final.load_state_dict(accelerator.unwrap_model(unet).state_dict())
+        ema.copy_to(final.parameters())
+        folder = incoming_folder(ws)
+        try:
+            info = _record(cfg, samples, tiles, expert, reward, parent_id=parent_id, reward_id=reward_id,
+                           round_number=round_number, classes=classes, tile_size=tile_size, null_id=parent.null_id)
+            info.update({f"final_{k}": v for k, v in last.items()})
+            info.update(seconds=round(time.time() - started, 1), processes=procs, weights="ema",
+                        run=str(run_dir.relative_to(ws.root)))
+            export_pipeline(final.float().cpu(), noise_scheduler, folder, info)
+            config = {k: v for k, v in info.items() if k != "train_tile_ids"}
+            version = register_generator(ws, engine, folder, kind="finetuned", config=config, parent_id=parent_id,
+                                         round_number=round_number)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # also ends the process group: nothing collective after this
+    return version
+
+
+def _record(cfg: FinetuneConfig, samples: list[WeightedSample], tiles: list, expert: torch.Tensor,
+            reward: torch.Tensor, **provenance) -> dict:
+    """What the child version records: parent, reward, objective, and exactly which data went in.
+
+    A sample's ``weight`` is ``sample_weights`` over the whole set; with ``normalized`` the
+    loop divides by each batch's mean instead, so there it is the set-level equivalent.
+    """
+    weights = sample_weights(expert, reward, cfg.weighting, cfg.weighting_threshold).tolist()
+    return {
+        "kind": "finetuned", **provenance, "config": asdict(cfg),
+        "beta": cfg.beta, "weighting": cfg.weighting, "weighting_threshold": cfg.weighting_threshold,
+        "weighting_min_ratings": cfg.weighting_min_ratings, "sample_selection": cfg.samples,
+        "samples": [{"id": s.sample_id, "class": s.class_name, "source": s.source, "plausibility": s.plausibility,
+                     "weight": w} for s, w in zip(samples, weights)],
+        "weight_sources": {src: sum(s.source == src for s in samples) for src in ("experts", "reward")},
+        "mean_weight": float(np.mean(weights)),
+        "judgment_ids": sorted(j for s in samples for j in s.judgment_ids),
+        "train_tiles": len(tiles), "train_tile_ids": [t.tile_id for t in tiles],
+    }

@@ -1,0 +1,358 @@
+"""Reward-weighted fine-tuning: the objective by hand, the loop, resume, lineage, bad input, 2 processes.
+
+Tiny UNet (preset ``tiny``) on 16-px toy tiles, CPU, a few steps. The toy reward is the
+redness of an image (a pure torch function), so fine-tuning on samples weighted by it
+should make the generator's fresh samples redder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMPipeline, UNet2DModel
+from PIL import Image as PILImage
+from safetensors.torch import load_file
+from sqlmodel import Session, select
+
+from finetune.config import FinetuneConfig, PretrainConfig
+from finetune.losses import reward_weighted_loss, sample_weights
+from finetune.pretrain import export_pipeline, make_noise_scheduler, pretrain
+from finetune.registry import load_generator
+from finetune.sample import sample_images
+from finetune.train import finetune, weighted_samples
+from finetune.unet import build_unet
+from store.db import make_engine, upgrade
+from store.errors import PathloopError
+from store.generators import add_samples, incoming_folder, list_generators, register_generator
+from store.images import encode
+from store.ingest import import_tiles
+from store.judgments import recount_ratings
+from store.models import Annotator, Judgment, RewardVersion
+from store.rewards import add_scores
+from store.workspace import Settings, Workspace
+
+SIZE = 16
+CLASSES = ["red", "blue"]
+COLOURS = {"red": (200, 60, 60), "blue": (60, 60, 200)}
+
+
+# ---------------------------------------------------------------- the objective, by hand
+
+
+def _batch():
+    """Four one-channel 2-pixel tiles, two synthetic then two real, with pred - noise chosen by hand."""
+    diff = torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 2.0], [1.0, 3.0]]).reshape(4, 1, 2, 1)
+    noise = torch.randn(4, 1, 2, 1, generator=torch.Generator().manual_seed(0))
+    return (noise + diff).requires_grad_(), noise
+
+
+def touched(grad: torch.Tensor) -> list[bool]:
+    """Which tiles of a ``(B, ...)`` gradient are not all zero."""
+    return grad.flatten(1).abs().sum(1).gt(0).tolist()
+
+
+def test_reward_weighted_loss_against_a_hand_worked_value():
+    pred, noise = _batch()
+    # per-tile errors (mean over pixels): 1, (4+0)/2 = 2 | real: (0+4)/2 = 2, (1+9)/2 = 5
+    # synthetic (0.5·1 + 1·2)/2 = 1.25; real (2+5)/2 = 3.5; total 1.25 + 0.3·3.5 = 2.3
+    out = reward_weighted_loss(pred, noise, torch.tensor([0.5, 1.0]), beta=0.3)
+    assert out.synthetic.item() == pytest.approx(1.25)
+    assert out.real.item() == pytest.approx(3.5)
+    assert out.total.item() == pytest.approx(2.3)
+    # weights 1 and beta 1: the sum of the two halves' F.mse_loss (pretraining's loss)
+    ones = reward_weighted_loss(pred, noise, torch.ones(2), beta=1.0).total
+    assert ones.item() == pytest.approx((F.mse_loss(pred[:2], noise[:2]) + F.mse_loss(pred[2:], noise[2:])).item())
+
+
+def test_zero_weights_leave_only_the_real_term():
+    pred, noise = _batch()
+    out = reward_weighted_loss(pred, noise, torch.zeros(2), beta=0.3)
+    assert out.synthetic.item() == 0 and out.total.item() == pytest.approx(0.3 * 3.5)
+    out.total.backward()
+    assert touched(pred.grad) == [False, False, True, True]
+
+
+def test_beta_zero_leaves_only_the_weighted_term():
+    pred, noise = _batch()
+    out = reward_weighted_loss(pred, noise, torch.tensor([0.5, 1.0]), beta=0.0)
+    assert out.total.item() == pytest.approx(1.25)
+    out.total.backward()
+    assert touched(pred.grad) == [True, True, False, False]
+
+
+def test_sample_weights_by_source_and_mode():
+    nan = float("nan")
+    experts = torch.tensor([nan, 0.5, nan, 1.0])
+    reward = torch.tensor([0.2, nan, 0.9, 0.1])  # the experts' verdict wins where there is one
+    assert sample_weights(experts, reward, "reward").tolist() == pytest.approx([0.2, 0.5, 0.9, 1.0])
+    assert sample_weights(experts, reward, "binary", threshold=0.5).tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert sample_weights(experts, reward, "normalized").tolist() == pytest.approx(
+        [0.2 / 0.65, 0.5 / 0.65, 0.9 / 0.65, 1.0 / 0.65])
+    zeros = torch.zeros(3)
+    assert sample_weights(torch.full((3,), nan), zeros, "normalized").tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="neither"):
+        sample_weights(torch.tensor([nan]), torch.tensor([nan]))
+
+
+def test_config_checks():
+    with pytest.raises(PathloopError, match=r"^beta must be >= 0 \(got -0.1\)$"):
+        FinetuneConfig(beta=-0.1)
+    with pytest.raises(PathloopError, match="weighting must be one of reward, binary, normalized"):
+        FinetuneConfig(weighting="softmax")
+    with pytest.raises(PathloopError, match="samples must be all or a round number"):
+        FinetuneConfig(samples="latest")
+    assert FinetuneConfig(samples=3).sample_selection == 3 and FinetuneConfig().beta == 0.3
+
+
+# ---------------------------------------------------------------- a workspace with a parent and samples
+
+
+def _noisy(rng, colour) -> np.ndarray:
+    return np.clip(np.array(colour) + rng.normal(0, 25, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+
+
+def redness(images: torch.Tensor, class_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Toy reward: ``(B, 3, H, W)`` uint8 → ``(B,)`` in [0, 1], 1 for pure red, 0 for pure blue."""
+    x = images.float() / 255
+    return ((x[:, 0] - x[:, 2]).mean(dim=(1, 2)) + 1) / 2
+
+
+@pytest.fixture
+def ft_ws(tmp_path):
+    """16-px red and blue train tiles, an untrained parent, and 16 samples of round 1 (half red, half blue)."""
+    ws = Workspace.create(tmp_path / "ws", Settings(classes=CLASSES, tile_size=SIZE))
+    engine = make_engine(ws.database_url)
+    upgrade(engine)
+    rng = np.random.default_rng(0)
+    for c in CLASSES:
+        (tmp_path / "crops" / c).mkdir(parents=True)
+        for i in range(12):
+            PILImage.fromarray(_noisy(rng, COLOURS[c])).save(tmp_path / "crops" / c / f"{i}.png")
+    import_tiles(ws, engine, tmp_path / "crops")
+    parent = register_parent(ws, engine)
+    items = [(encode(_noisy(rng, COLOURS["red" if i % 2 == 0 else "blue"])), CLASSES[(i // 2) % 2], i)
+             for i in range(16)]
+    add_samples(ws, engine, parent.id, items, sampler="ddim", steps=2, guidance=1.0, round_number=1)
+    yield ws, engine, parent
+    engine.dispose()
+
+
+def register_parent(ws, engine, size: int = SIZE):
+    torch.manual_seed(0)
+    folder = incoming_folder(ws)
+    export_pipeline(build_unet("tiny", size, len(CLASSES)), make_noise_scheduler(PretrainConfig()), folder,
+                    {"kind": "pretrained", "classes": CLASSES, "tile_size": size})
+    return register_generator(ws, engine, folder, kind="pretrained", config={"classes": CLASSES})
+
+
+def judge_all(engine, sample_ids, verdicts) -> list[int]:
+    """Each sample judged by one rater per verdict in ``verdicts``; returns the judgment ids."""
+    with Session(engine) as s:
+        start = len(s.exec(select(Annotator.id)).all())
+        raters = [Annotator(username=f"rater{start + i}") for i in range(len(verdicts))]
+        s.add_all(raters)
+        s.flush()
+        rows = [Judgment(sample_id=sid, annotator_id=r.id, verdict=v, request_id=f"{sid}-{r.id}")
+                for sid in sample_ids for r, v in zip(raters, verdicts)]
+        s.add_all(rows)
+        s.commit()
+        ids = [j.id for j in rows]
+    recount_ratings(engine)
+    return ids
+
+
+def tiny(**kw) -> FinetuneConfig:
+    base = dict(train_steps=2, train_batch_size=4, checkpoint_every=1, train_learning_rate=1e-3, samples="1")
+    return FinetuneConfig(**{**base, **kw})
+
+
+def fresh_redness(ws, engine, version_id: int) -> tuple[float, float]:
+    """Mean toy reward of 8 fresh samples of class red and 8 of class blue (same seeds for every version)."""
+    gen = load_generator(ws, engine, version_id, device="cpu")
+    images = sample_images(gen.unet, gen.scheduler_config, [0] * 8 + [1] * 8, list(range(16)), null_id=gen.null_id,
+                           sampler="ddim", steps=5)
+    r = redness(torch.from_numpy(images).permute(0, 3, 1, 2))
+    return r[:8].mean().item(), r[8:].mean().item()
+
+
+def unet_weights(ws, version) -> dict[str, torch.Tensor]:
+    return load_file(ws.root / version.folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def test_toy_reward_rises_and_the_child_records_its_lineage(ft_ws):
+    ws, engine, parent = ft_ws
+    # Two samples (ids 1 and 2: a red one and a blue one) have enough ratings: the experts decide
+    # their weight (the blue one is called plausible, against the reward); the rest get redness.
+    used = judge_all(engine, [1, 2], ["plausible", "plausible"])
+    judge_all(engine, [3], ["implausible"])  # one rating: below the minimum, the reward decides
+    # A parent that has begun to learn the tiles' colours (an untrained one makes grey noise).
+    parent = pretrain(ws, engine, PretrainConfig(train_steps=30, train_batch_size=8, train_learning_rate=3e-3,
+                                                 train_lr_warmup_steps=0, ema_decay=0.1), progress=False)
+    cfg = tiny(train_steps=8, train_batch_size=8, train_learning_rate=3e-3, weighting="binary", beta=0.1,
+               ema_decay=0.1, checkpoint_every=8)
+    child = finetune(ws, engine, cfg, redness, parent_id=parent.id, reward_id=None, round_number=1, progress=False)
+
+    before, after = fresh_redness(ws, engine, parent.id), fresh_redness(ws, engine, child.id)
+    assert after[1] > before[1] + 0.05, (before, after)  # even class "blue" turns red
+    assert sum(after) / 2 > sum(before) / 2 + 0.03, (before, after)
+
+    assert (child.kind, child.parent_id, child.round_number) == ("finetuned", parent.id, 1)
+    c = child.config
+    assert c["reward_id"] is None and c["beta"] == 0.1 and c["weighting"] == "binary"
+    by_id = {s["id"]: s for s in c["samples"]}
+    assert sorted(by_id) == list(range(1, 17))
+    assert by_id[1]["source"] == by_id[2]["source"] == "experts" and by_id[2]["weight"] == 1.0
+    assert by_id[3]["source"] == "reward" and by_id[3]["weight"] == 1.0  # red sample, redness >= 0.5
+    assert by_id[4]["source"] == "reward" and by_id[4]["weight"] == 0.0  # blue sample
+    assert c["weight_sources"] == {"experts": 2, "reward": 14}
+    assert c["judgment_ids"] == sorted(used)
+    assert c["train_tiles"] > 0 and "train_tile_ids" not in c
+    for k in ("final_loss", "final_loss_synthetic", "final_loss_real", "final_mean_weight"):
+        assert math.isfinite(c[k]), k
+    assert c["final_loss"] == pytest.approx(c["final_loss_synthetic"] + 0.1 * c["final_loss_real"], rel=1e-5)
+
+    folder = ws.root / child.folder
+    unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
+    assert unet.config.num_class_embeds == 3 and unet.config.sample_size == SIZE
+    assert DDPMPipeline.from_pretrained(folder).scheduler.config.num_train_timesteps == 1000
+    info = json.loads((folder / "pathloop.json").read_text())
+    assert len(info["train_tile_ids"]) == c["train_tiles"] and info["parent_id"] == parent.id
+    assert not torch.equal(unet_weights(ws, parent)["conv_in.weight"], unet_weights(ws, child)["conv_in.weight"])
+    assert not list((ws.models_dir / "generators").glob(".incoming-*"))
+
+
+def test_resume_equals_an_uninterrupted_run(ft_ws):
+    ws, engine, parent = ft_ws
+    cfg = dict(train_steps=4, checkpoint_every=2, weighting="normalized")
+    kw = dict(parent_id=parent.id, reward_id=None, progress=False)
+    logged = dict(log_with="tensorboard") if importlib.util.find_spec("tensorboard") else {}
+    straight = finetune(ws, engine, tiny(run_name="a", **cfg, **logged), redness, **kw)
+    if logged:  # tracker logging changes nothing in the weights
+        assert list((ws.runs_dir / "a" / "logs").rglob("events.out.tfevents.*"))
+    stopped = finetune(ws, engine, tiny(run_name="b", **cfg), redness, stop_after=2, **kw)
+    assert stopped is None and len(list_generators(engine)) == 2
+    assert (ws.runs_dir / "b" / "checkpoints" / "checkpoint-2").is_dir()
+    # Judgments arriving meanwhile do not change a resumed run: it trains on the data it started with.
+    judge_all(engine, range(1, 17), ["implausible", "implausible"])
+    resumed = finetune(ws, engine, tiny(run_name="b", **cfg), redness, resume="latest", **kw)
+    a, b = unet_weights(ws, straight), unet_weights(ws, resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.config["samples"] == straight.config["samples"]
+    with pytest.raises(PathloopError, match=r"made with beta = 0.3, not 0.5"):
+        finetune(ws, engine, tiny(run_name="b", beta=0.5, **cfg), redness, resume="latest", **kw)
+    with pytest.raises(PathloopError, match="already has checkpoints; pass --resume latest"):
+        finetune(ws, engine, tiny(run_name="b", **cfg), redness, **kw)
+
+
+def test_without_a_reward_function_the_stored_scores_weigh_the_samples(ft_ws):
+    ws, engine, _ = ft_ws
+    with Session(engine) as s:
+        rv = RewardVersion(folder="models/rewards/x", backbone="test_resnet")
+        s.add(rv)
+        s.commit()
+        rid = rv.id
+    add_scores(engine, rid, [(sid, sid / 100) for sid in range(2, 17)])
+    used = judge_all(engine, [1], ["plausible", "implausible"])
+    samples = weighted_samples(ws, engine, tiny(), None, rid)
+    assert [(x.sample_id, x.source, x.plausibility) for x in samples[:3]] == [
+        (1, "experts", 0.5), (2, "reward", pytest.approx(0.02)), (3, "reward", pytest.approx(0.03))]
+    assert samples[0].judgment_ids == tuple(used) and samples[1].judgment_ids == ()
+
+
+class OtherClassesReward:
+    """A reward function made for another workspace (what ``RewardFunction`` carries)."""
+
+    classes = ["tumour", "stroma"]
+    reward_id = 7
+    image_size = SIZE
+
+    def __call__(self, images, class_ids):
+        return redness(images)
+
+
+def test_bad_input_is_refused_and_nothing_is_registered(ft_ws):
+    ws, engine, parent = ft_ws
+    kw = dict(parent_id=parent.id, progress=False)
+    with pytest.raises(PathloopError, match=r"^reward version 7 was trained for classes \['tumour', 'stroma'\] "
+                                            r"but the workspace has \['red', 'blue'\]$"):
+        finetune(ws, engine, tiny(), OtherClassesReward(), reward_id=7, **kw)
+    judge_all(engine, [1], ["plausible", "implausible"])
+    with pytest.raises(PathloopError, match=r"15 of 16 samples \(first: sample 2\) have fewer than 2 current "
+                                            r"plausible/implausible judgments and no reward score"):
+        finetune(ws, engine, tiny(), None, reward_id=None, **kw)
+    with pytest.raises(PathloopError, match="round 5 has no samples to fine-tune on"):
+        finetune(ws, engine, tiny(samples="5"), redness, reward_id=None, **kw)
+    with pytest.raises(PathloopError, match=r"^beta must be >= 0 \(got -1"):
+        finetune(ws, engine, tiny(beta=-1), redness, reward_id=None, **kw)
+    other = register_parent(ws, engine, size=32)
+    with pytest.raises(PathloopError, match=f"generator version {other.id} makes 32 px tiles; "
+                                            "the workspace tile_size is 16"):
+        finetune(ws, engine, tiny(), redness, reward_id=None, parent_id=other.id, progress=False)
+    with pytest.raises(PathloopError, match="generator version 99 does not exist"):
+        finetune(ws, engine, tiny(), redness, reward_id=None, parent_id=99, progress=False)
+    assert [g.kind for g in list_generators(engine)] == ["pretrained", "pretrained"]
+    assert not list((ws.models_dir / "generators").glob(".incoming-*"))
+
+
+# ---------------------------------------------------------------- through the CLI, on two processes
+
+
+def register_reward_version(ws, engine, classes) -> int:
+    """An untrained tiny reward model registered as a version (what the CLI loads)."""
+    from reward.config import RewardConfig
+    from reward.model import RewardModel, model_config, save_folder
+    from store.rewards import incoming_folder as reward_folder
+    from store.rewards import register_reward
+
+    torch.manual_seed(0)
+    model = RewardModel("test_resnet", len(classes)).eval()
+    folder = reward_folder(ws)
+    config = model_config(RewardConfig(backbone="test_resnet"), classes, SIZE)
+    save_folder(model, config, folder)
+    return register_reward(ws, engine, folder, backbone="test_resnet", config=config, metrics={},
+                           data_manifest={}).id
+
+
+def test_cli_finetune_on_two_processes_and_its_bad_input(ft_ws):
+    ws, engine, parent = ft_ws
+    rid = register_reward_version(ws, engine, CLASSES)
+    other = register_reward_version(ws, engine, ["tumour", "stroma"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PATHLOOP_")}
+    env.update(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
+    bindir = os.path.dirname(sys.executable)
+    # `accelerate launch --cpu` always starts one process; several CPU processes take --multi_gpu
+    # with ACCELERATE_USE_CPU (accelerate issue #2741), which torchrun runs on the gloo backend.
+    p = subprocess.run([os.path.join(bindir, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "-m", "pathloop.cli", "finetune", "-w", str(ws.root), "--from", "latest", "--reward", str(rid),
+                        "--samples", "1", "--steps", "2", "--batch-size", "2", "--checkpoint-every", "1",
+                        "--round", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "fine-tuned from version 1 with reward version 1" in p.stdout
+    versions = list_generators(engine)
+    assert [v.kind for v in versions] == ["pretrained", "finetuned"]  # registered once, by the main process
+    child = versions[-1]
+    assert child.config["processes"] == 2 and child.config["reward_id"] == rid and child.parent_id == parent.id
+    assert child.config["weight_sources"] == {"experts": 0, "reward": 16}
+    UNet2DModel.from_pretrained(ws.root / child.folder, subfolder="unet")
+
+    bad = subprocess.run([os.path.join(bindir, "pathloop"), "finetune", "-w", str(ws.root), "--from", "1",
+                          "--reward", str(other), "--steps", "1"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 1 and len(lines) == 1, bad.stderr
+    assert lines[0] == (f"pathloop: error: reward version {other} was trained for classes ['tumour', 'stroma'] "
+                        "but the workspace has ['red', 'blue']")
+    assert len(list_generators(engine)) == 2
