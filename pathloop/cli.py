@@ -400,8 +400,9 @@ def cmd_round(args) -> int:
         return _round_status(ws, engine, args.json)
     if args.if_due and not rounds.is_due(ws, engine):
         return 0
-    options = rounds.RoundOptions(**_dataclass_args(args, rounds.RoundOptions))
-    done = rounds.advance(ws, engine, options, only=args.step)
+    changes = _dataclass_args(args, rounds.RoundOptions)
+    rounds.RoundOptions(**changes)  # refuse bad values now, before anything runs
+    done = rounds.advance(ws, engine, changes, only=args.step)
     if done.waiting_for:
         print(done.waiting_for)
     return 0
@@ -431,6 +432,17 @@ def _round_status(ws, engine, as_json: bool) -> int:
               f"{'  locked by ' + r.lock_owner if r.lock_owner else ''}")
     if rounds.open_round(engine) and not rounds.is_due(ws, engine):
         print(rounds.waiting_message(engine, rounds.open_round(engine), ws))
+    return 0
+
+
+def cmd_simulate_expert(args) -> int:
+    from pathloop.simulate import simulate
+
+    ws, engine = _open(args)
+    r = simulate(ws, engine, raters=args.raters, max_per_rater=args.max, noise=args.noise, seed=args.seed)
+    share = f"{100 * r.plausible / r.judgments:.0f}%" if r.judgments else "-"
+    print(f"simulated expert: {r.judgments} judgments by {args.raters} rater(s), {share} plausible, "
+          f"{r.controls} on control tiles")
     return 0
 
 
@@ -638,8 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("round", help="run the loop: generate, await ratings, reward, fine-tune, evaluate",
                        parents=[ws], description="Advance the current round as far as it can and say what it waits "
-                       "for; a finished round starts the next one from its fine-tuned generator. Options apply when "
-                       "a round starts and are kept with it. For cron: pathloop round --if-due.")
+                       "for; a finished round starts the next one from its fine-tuned generator. Options apply to a "
+                       "round that starts in this call and are kept with it; a new round keeps the previous round's "
+                       "options except those given. For cron: pathloop round --if-due.")
     p.add_argument("round_command", nargs="?", choices=["run", "status"], default="run",
                    help="run (default) or status: the history of rounds")
     p.add_argument("--if-due", action="store_true", help="do nothing (exit 0, quietly) while waiting for ratings")
@@ -647,6 +660,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", metavar="STATE", help="run only this step of the open round (refused out of order)")
     _add_dataclass_options(p, RoundOptions, {})
     p.set_defaults(func=cmd_round)
+
+    p = sub.add_parser("simulate-expert", help="rate the queue with a programmatic expert (demo, study)",
+                       parents=[ws], description="A documented rule-based rater (pathloop/simulate.py): plausible "
+                       "only when DAB level, colour statistics and texture fit the real train tiles of the class the "
+                       "tile is shown as. Writes ordinary judgments as sim-expert-1, -2, ... through the queue.")
+    p.add_argument("--raters", type=_positive_int, default=1, help="simulated raters (default 1)")
+    p.add_argument("--max", type=_positive_int, metavar="N", help="at most N ratings per rater (default: until empty)")
+    p.add_argument("--noise", type=float, default=0.0, metavar="P", help="share of verdicts flipped (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and the queue order")
+    p.set_defaults(func=cmd_simulate_expert)
 
     p = sub.add_parser("status", help="what the workspace holds", parents=[ws],
                        description="Counts of slides, tiles per class and split, samples, judgments, versions.")

@@ -190,12 +190,15 @@ def round_ratings(engine: Engine, number: int) -> tuple[int, int]:
     return judged, samples
 
 
-def _start_round(engine: Engine, options: RoundOptions) -> Round:
+def _start_round(engine: Engine, overrides: dict) -> Round:
+    """The next round, with the previous round's options updated by ``overrides`` (defaults for the first)."""
     generator = current_generator_id(engine)
     if generator is None:
         raise PathloopError("no generator version yet; `pathloop pretrain` or `pathloop import-model DIR` first")
     with Session(engine, expire_on_commit=False) as s:
-        last = s.exec(select(func.max(Round.number))).one() or 0
+        previous = s.exec(select(Round).order_by(Round.number.desc())).first()
+        last = previous.number if previous else 0
+        options = RoundOptions(**{**(previous.details.get("options", {}) if previous else {}), **overrides})
         r = Round(number=last + 1, state="generating", generator_in_id=generator,
                   details={"options": asdict(options)})
         s.add(r)
@@ -229,9 +232,12 @@ def _set_state(engine: Engine, round_id: int, state: str, **values) -> Round:
 Steps = dict[str, Callable[[Workspace, Engine, Round, RoundOptions], dict | None]]
 
 
-def advance(ws: Workspace, engine: Engine, options: RoundOptions | None = None, *, steps: Steps | None = None,
+def advance(ws: Workspace, engine: Engine, options: RoundOptions | dict | None = None, *, steps: Steps | None = None,
             only: str | None = None, owner: str | None = None, log: Callable[[str], None] = print) -> Progress:
     """Run rounds until one waits for ratings; ``only``: run just that step of the open round.
+
+    ``options`` apply to rounds that start now: a ``RoundOptions``, or a dict of the fields
+    to change from the previous round's (a new round keeps its predecessor's otherwise).
 
     ``steps`` maps a state to its step function (tests swap them). A step returns ``None``
     to wait, or the values to record as the round moves on.
@@ -242,7 +248,9 @@ def advance(ws: Workspace, engine: Engine, options: RoundOptions | None = None, 
     if only is not None:
         _check_only(engine, only)
     while True:
-        r = open_round(engine) or _start_round(engine, options or RoundOptions())
+        if isinstance(options, RoundOptions):
+            options = asdict(options)
+        r = open_round(engine) or _start_round(engine, options or {})
         opts = RoundOptions(**r.details.get("options", {}))
         acquire(engine, r.id, owner)
         try:

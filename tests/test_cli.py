@@ -14,7 +14,7 @@ from store.errors import PathloopError
 from store.workspace import DEFAULT_CRITERIA, Settings, Workspace, load_settings
 
 COMMANDS = ["init", "db", "demo-slide", "ingest", "import-tiles", "status", "pretrain", "import-model", "generate",
-            "finetune", "generator", "annotate", "users", "export", "train-reward", "score", "reward"]
+            "finetune", "generator", "annotate", "users", "export", "train-reward", "score", "reward", "simulate-expert", "round"]
 
 
 def run(exe, *args, env=None, ok=True):

@@ -91,7 +91,7 @@ def test_a_round_waits_for_ratings_then_runs_to_done_and_starts_the_next(workspa
 
     rate_round(engine, 1)
     assert rounds.is_due(ws, engine)
-    second = rounds.advance(ws, engine, opts, steps=steps, log=lambda m: None)
+    second = rounds.advance(ws, engine, {"beta": 0.5}, steps=steps, log=lambda m: None)  # changes one option
     assert calls == ["generating", "training_reward", "finetuning", "evaluating", "generating"]
     assert second.round_number == 2 and second.state == "awaiting_ratings"
     r1, r2 = rounds.list_rounds(engine)
@@ -99,7 +99,8 @@ def test_a_round_waits_for_ratings_then_runs_to_done_and_starts_the_next(workspa
     assert r1.details["evaluation"] == {"parent": 0.4, "child": 0.6} and r1.details["judgments_at_close"] == 12
     assert r2.generator_in_id == r1.generator_out_id  # the fine-tuned generator became current
     assert r1.lock_owner is None and r2.lock_owner is None
-    assert r1.details["options"]["per_class"] == 3
+    assert r1.details["options"]["per_class"] == 3 and r1.details["options"]["beta"] == 0.3
+    assert r2.details["options"]["per_class"] == 3 and r2.details["options"]["beta"] == 0.5  # kept, and changed
 
 
 def test_a_crashed_step_leaves_the_round_where_it_was_and_unlocked(workspace, engine):
