@@ -14,7 +14,8 @@ from store.errors import PathloopError
 from store.workspace import DEFAULT_CRITERIA, Settings, Workspace, load_settings
 
 COMMANDS = ["init", "db", "demo-slide", "ingest", "import-tiles", "status", "pretrain", "import-model", "generate",
-            "finetune", "generator", "annotate", "users", "export", "train-reward", "score", "reward", "simulate-expert", "round"]
+            "finetune", "generator", "annotate", "users", "export", "train-reward", "score", "reward", "simulate-expert", "round",
+            "evaluate"]
 
 
 def run(exe, *args, env=None, ok=True):

@@ -1,0 +1,338 @@
+"""`pathloop evaluate`: generator versions side by side (DESIGN.md, "Evaluation").
+
+Per version:
+
+- **expert plausibility**: share of current decisive judgments (plausible / implausible) on
+  the version's stored samples that say plausible, overall and per class, with Wilson 95%
+  intervals and the number of judgments;
+- **reward-predicted plausibility** under the current (newest) reward version: of the
+  version's stored samples (stored ``RewardScore`` rows where present, else scored now, not
+  written) and of the fresh samples below;
+- **fidelity and diversity** of *fresh* samples — ``per_class`` per class, the same seeds for
+  every version, never stored — against the real **test** tiles: FID (torchmetrics, fed the
+  extractor's features through an identity feature module), precision, recall, density and
+  coverage (``prdc``), in the feature space of a fixed extractor (pathloop/features.py);
+- **downstream utility**: the small classifier trained on the fresh synthetic tiles only,
+  tested on the real test tiles (accuracy, balanced accuracy), next to the same recipe
+  trained on the real train tiles;
+- **memorisation**: each sample's nearest real train tile in the same feature space; a sample
+  at or below the ``copy_percentile``-th percentile of real-to-real nearest-neighbour
+  distances (train tiles, leave-one-out) is flagged as a copy. Reported for the fresh samples
+  (share) and for every stored sample (``copies.csv``, one row per sample).
+
+Fresh samples make versions comparable (a new child has no stored samples, and stored ones
+differ in number, seeds and rounds); the stored ones are what experts rated and labs share.
+Everything is computed before anything is written; then the folder
+``evaluations/<timestamp>/`` appears at once and one ``Evaluation`` row per version is added.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, balanced_accuracy_score
+from sklearn.neighbors import NearestNeighbors
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+from tqdm.auto import tqdm
+
+from pathloop.evaluate_config import EvaluateConfig
+from pathloop.features import FeatureExtractor, predict, timm_extractor, train_classifier, workspace_extractor
+from store.agreement import wilson_interval
+from store.errors import PathloopError
+from store.generators import TileRef, get_generator, sample_seed, training_tiles
+from store.images import load_rgb
+from store.judgments import DECISIVE, is_current
+from store.models import GeneratorVersion, Image, Judgment, Sample
+from store.workspace import Workspace
+
+EVAL_SEED_OFFSET = 1_000_000_007  # fresh samples' seeds never coincide with `generate --seed N` ones
+
+
+# ---------------------------------------------------------------- metrics on feature arrays
+
+
+class _GivenFeatures(torch.nn.Module):
+    """Identity 'extractor' for torchmetrics: the features are computed once, upstream."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x):
+        return x
+
+
+def fid(real: np.ndarray, fake: np.ndarray) -> float:
+    """Fréchet distance between ``(N, D)`` and ``(M, D)`` feature sets (N, M >= 2), via torchmetrics."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if len(real) < 2 or len(fake) < 2:
+        raise PathloopError(f"FID needs at least 2 real and 2 synthetic tiles (got {len(real)} and {len(fake)})")
+    metric = FrechetInceptionDistance(feature=_GivenFeatures(real.shape[1]))
+    metric.update(torch.as_tensor(real, dtype=torch.float64), real=True)
+    metric.update(torch.as_tensor(fake, dtype=torch.float64), real=False)
+    return max(0.0, float(metric.compute()))
+
+
+def prdc(real: np.ndarray, fake: np.ndarray, nearest_k: int = 5) -> dict[str, float]:
+    """Precision, recall, density, coverage (Naeem et al. 2020) via the ``prdc`` package.
+
+    ``k`` is capped at ``len(real) - 1`` and ``len(fake) - 1`` so small sets still work.
+    """
+    from prdc import compute_prdc
+
+    k = max(1, min(nearest_k, len(real) - 1, len(fake) - 1))
+    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints its set sizes
+        out = compute_prdc(real_features=np.asarray(real, dtype=np.float64),
+                           fake_features=np.asarray(fake, dtype=np.float64), nearest_k=k)
+    return {name: float(v) for name, v in out.items()} | {"k": k}
+
+
+def copy_threshold(train: np.ndarray, percentile: float = 5.0) -> float:
+    """The ``percentile``-th percentile of each train feature's distance to its nearest *other* train feature."""
+    if len(train) < 2:
+        raise PathloopError(f"memorisation needs at least 2 real train tiles (got {len(train)})")
+    dist, _ = NearestNeighbors(n_neighbors=2).fit(train).kneighbors(train)
+    return float(np.percentile(dist[:, 1], percentile))
+
+
+def nearest_train(train: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each sample feature: (index of the nearest train feature, its Euclidean distance)."""
+    if len(samples) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    dist, idx = NearestNeighbors(n_neighbors=1).fit(train).kneighbors(samples)
+    return idx[:, 0], dist[:, 0]
+
+
+def flag_copies(train: np.ndarray, samples: np.ndarray, percentile: float = 5.0
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """``(nearest index, distance, is_copy, threshold)``: a copy is at or below the threshold."""
+    thr = copy_threshold(train, percentile)
+    idx, dist = nearest_train(train, samples)
+    return idx, dist, dist <= thr, thr
+
+
+def rate(k: int, n: int) -> dict:
+    """Share with its Wilson 95% interval; ``rate`` None when there is nothing to count."""
+    low, high = wilson_interval(k, n)
+    return {"n": n, "plausible": k, "rate": k / n if n else None, "low": low, "high": high}
+
+
+# ---------------------------------------------------------------- reading the store
+
+
+def lineage(engine: Engine, generator_id: int) -> list[int]:
+    """``generator_id`` and its ancestors (``parent_id``), root first."""
+    chain: list[int] = []
+    gid: int | None = generator_id
+    with Session(engine) as s:
+        while gid is not None and gid not in chain:
+            gv = s.get(GeneratorVersion, gid)
+            if gv is None:
+                raise PathloopError(f"generator version {gid} (parent of {chain[-1]}) does not exist")
+            chain.append(gid)
+            gid = gv.parent_id
+    return chain[::-1]
+
+
+def chosen_versions(engine: Engine, model: int | None, against: list[int] | None) -> list[int]:
+    """``model`` and ``against`` by id; without ``against``, ``model``'s lineage; without ``model``, the current one's."""
+    from pathloop.rounds import current_generator_id
+
+    if model is None:
+        model = current_generator_id(engine)
+        if model is None:
+            raise PathloopError("no generator versions yet; `pathloop pretrain` or `pathloop import-model DIR` first")
+    for gid in [model, *(against or [])]:
+        get_generator(engine, gid)  # a clear error for an unknown id
+    if not against:
+        return lineage(engine, model)
+    return sorted({model, *against})
+
+
+def expert_plausibility(engine: Engine, generator_id: int, classes: list[str]) -> dict:
+    """Current decisive judgments of the version's samples: overall and per class (``rate``)."""
+    with Session(engine) as s:
+        rows = s.exec(select(Sample.class_name, Judgment.verdict).join(Sample, Sample.id == Judgment.sample_id)
+                      .where(Sample.generator_id == generator_id, Judgment.verdict.in_(DECISIVE), is_current())).all()
+    out = rate(sum(v == "plausible" for _, v in rows), len(rows))
+    out["per_class"] = {c: rate(sum(v == "plausible" for cc, v in rows if cc == c), sum(cc == c for cc, _ in rows))
+                        for c in classes}
+    return out
+
+
+def stored_samples(ws: Workspace, engine: Engine, generator_id: int) -> list[tuple[int, Path, str]]:
+    """``(sample id, image path, class)`` of the version's stored samples, by id."""
+    with Session(engine) as s:
+        rows = s.exec(select(Sample.id, Image.path, Sample.class_name).join(Image, Image.id == Sample.image_id)
+                      .where(Sample.generator_id == generator_id).order_by(Sample.id)).all()
+    return [(sid, ws.root / path, c) for sid, path, c in rows]
+
+
+def load_tiles(refs: list[TileRef], size: int, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    images = np.stack([load_rgb(r.path, size) for r in refs])
+    return images, np.array([classes.index(r.class_name) for r in refs])
+
+
+# ---------------------------------------------------------------- one evaluation
+
+
+@dataclass
+class EvaluationResult:
+    """What `evaluate` measured and wrote: ``versions`` holds one metrics dict per version."""
+
+    versions: list[dict]
+    baseline: dict
+    config: dict
+    folder: Path
+    evaluation_ids: list[int]
+    table: str
+
+
+def fresh_samples(ws: Workspace, engine: Engine, generator_id: int, cfg: EvaluateConfig
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """``per_class`` new tiles per class from the version, seeds fixed by ``cfg.seed``: ``(N, H, W, 3)``, labels."""
+    from finetune.registry import load_generator
+    from finetune.sample import SampleSettings, sample_images
+
+    gen = load_generator(ws, engine, generator_id)
+    SampleSettings(cfg.sampler, cfg.steps, cfg.guidance).check(gen.scheduler_config["num_train_timesteps"])
+    todo = [(ci, sample_seed(EVAL_SEED_OFFSET + cfg.seed, c, i))
+            for ci, c in enumerate(gen.classes) for i in range(cfg.per_class)]
+    images = []
+    for b in range(0, len(todo), 64):
+        batch = todo[b:b + 64]
+        images.append(sample_images(gen.unet, gen.scheduler_config, [ci for ci, _ in batch], [s for _, s in batch],
+                                    null_id=gen.null_id, sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance))
+    return np.concatenate(images), np.array([ci for ci, _ in todo])
+
+
+def _reward(reward_fn, images: np.ndarray, labels: list[str]) -> np.ndarray:
+    from pathloop.features import to_tensor
+
+    ids = torch.tensor([reward_fn.classes.index(c) for c in labels], dtype=torch.long)
+    return np.concatenate([reward_fn(to_tensor(images[i:i + 256]), ids[i:i + 256]).float().cpu().numpy()
+                           for i in range(0, len(images), 256)])
+
+
+def _mean_by_class(p: np.ndarray, labels: list[str], classes: list[str]) -> dict:
+    per = {c: float(np.mean([x for x, lc in zip(p, labels) if lc == c])) if c in labels else None for c in classes}
+    return {"n": len(p), "mean": float(np.mean(p)) if len(p) else None, "per_class": per}
+
+
+def reward_plausibility(engine: Engine, reward_fn, stored: list[tuple[int, Path, str]], stored_images: np.ndarray,
+                        fresh: np.ndarray, fresh_labels: list[str], classes: list[str]) -> dict | None:
+    """Mean p(plausible) of the stored samples (stored scores first) and of the fresh ones; None without a reward."""
+    if reward_fn is None:
+        return None
+    from store.rewards import scores_of
+
+    known = scores_of(engine, reward_fn.reward_id)
+    p = np.array([known.get(sid, np.nan) for sid, _, _ in stored], dtype=np.float64)
+    missing = np.flatnonzero(np.isnan(p))
+    if len(missing):
+        p[missing] = _reward(reward_fn, stored_images[missing], [stored[i][2] for i in missing])
+    return {"reward_id": reward_fn.reward_id, "scored_now": int(len(missing)),
+            "stored": _mean_by_class(p, [c for _, _, c in stored], classes),
+            "fresh": _mean_by_class(_reward(reward_fn, fresh, fresh_labels), fresh_labels, classes)}
+
+
+def evaluate(ws: Workspace, engine: Engine, cfg: EvaluateConfig, *, model: int | None = None,
+             against: list[int] | None = None, progress: bool = True,
+             log: Callable[[str], None] = print) -> EvaluationResult:
+    """Measure the chosen versions, write ``evaluations/<timestamp>/`` and one ``Evaluation`` row each."""
+    from pathloop.evaluation_report import format_table, write_evaluation
+    from reward.score import load_reward
+    from store.rewards import current_reward_id
+
+    classes, size = list(ws.settings.classes), ws.settings.tile_size
+    versions = chosen_versions(engine, model, against)
+    for gid in versions:  # before anything is trained or written
+        if not (ws.root / get_generator(engine, gid).folder / "unet" / "config.json").is_file():
+            raise PathloopError(f"generator version {gid}: its folder is missing or incomplete")
+    train_refs, test_refs = training_tiles(ws, engine, "train"), training_tiles(ws, engine, "test")
+    if len(train_refs) < 2 or len(test_refs) < 2:
+        raise PathloopError(f"evaluation needs at least 2 real train and 2 real test tiles (the workspace has "
+                            f"{len(train_refs)} and {len(test_refs)})")
+    if cfg.features.startswith("timm:"):
+        extractor, info = timm_extractor(cfg.features.split(":", 1)[1], Path(cfg.weights) if cfg.weights else None)
+    train_x, train_y = load_tiles(train_refs, size, classes)
+    test_x, test_y = load_tiles(test_refs, size, classes)
+    rid = current_reward_id(engine)
+    reward_fn = load_reward(ws, engine, rid) if rid is not None else None
+    if reward_fn is not None and (set(classes) - set(reward_fn.classes) or reward_fn.image_size != size):
+        raise PathloopError(f"reward version {rid} was trained on classes {', '.join(reward_fn.classes)} at "
+                            f"{reward_fn.image_size} px; expected the workspace's {', '.join(classes)} at {size} px")
+    if not cfg.features.startswith("timm:"):
+        extractor, info = workspace_extractor(ws, [r.tile_id for r in train_refs], train_x, train_y)
+        if info.trained_now:
+            log(f"trained the feature extractor on {len(train_refs)} real train tiles: {info.folder}")
+
+    train_f, test_f = extractor.embed(train_x), extractor.embed(test_x)
+    threshold = copy_threshold(train_f, cfg.copy_percentile)
+    real_clf = train_classifier(train_x, train_y, len(classes), epochs=cfg.utility_epochs, seed=cfg.seed + 1)
+    baseline = _utility(real_clf, test_x, test_y) | {"trained_on": len(train_x)}
+
+    results, copies = [], []
+    for gid in tqdm(versions, desc="evaluate", unit="version", disable=not progress):
+        gv = get_generator(engine, gid)
+        fresh, fresh_y = fresh_samples(ws, engine, gid, cfg)
+        fresh_labels = [classes[i] for i in fresh_y]
+        fresh_f = extractor.embed(fresh)
+        stored = stored_samples(ws, engine, gid)
+        stored_x = np.stack([load_rgb(p, size) for _, p, _ in stored]) if stored else np.zeros((0, size, size, 3),
+                                                                                               np.uint8)
+        _, fresh_d = nearest_train(train_f, fresh_f)
+        s_idx, s_dist = nearest_train(train_f, extractor.embed(stored_x))
+        for (sid, _, c), i, d in zip(stored, s_idx, s_dist):
+            copies.append({"generator_id": gid, "sample_id": sid, "class_name": c,
+                           "nearest_tile_id": train_refs[i].tile_id, "distance": float(d),
+                           "threshold": threshold, "copy": bool(d <= threshold)})
+        syn_clf = train_classifier(fresh, fresh_y, len(classes), epochs=cfg.utility_epochs, seed=cfg.seed + 1)
+        n_copies = int((s_dist <= threshold).sum())
+        results.append({
+            "generator_id": gid, "parent_id": gv.parent_id, "round": gv.round_number, "kind": gv.kind,
+            "expert": expert_plausibility(engine, gid, classes),
+            "reward": reward_plausibility(engine, reward_fn, stored, stored_x, fresh, fresh_labels, classes),
+            "fid": fid(test_f, fresh_f), **prdc(test_f, fresh_f, cfg.nearest_k),
+            "utility": _utility(syn_clf, test_x, test_y) | {"trained_on": len(fresh)},
+            "memorisation": {"threshold": threshold, "fresh_copies": int((fresh_d <= threshold).sum()),
+                             "fresh_share": float((fresh_d <= threshold).mean()),
+                             "fresh_median_distance": float(np.median(fresh_d)),
+                             "stored_copies": n_copies, "stored": len(stored)},
+            "fresh_samples": len(fresh), "real_test_tiles": len(test_x),
+        })
+    config = asdict(cfg) | {"extractor": info.name, "extractor_folder": str(info.folder) if info.folder else None,
+                            "versions": versions}
+    table = format_table(results, baseline, classes)
+    folder, ids = write_evaluation(ws, engine, results, baseline, config, copies, table)
+    return EvaluationResult(results, baseline, config, folder, ids, table)
+
+
+def copy_flags(ws: Workspace) -> dict[int, bool]:
+    """sample id → flagged as a copy, from the newest evaluation that measured the sample
+    (``evaluations/*/copies.csv``); what an export that leaves copies out reads."""
+    import pandas as pd
+
+    flags: dict[int, bool] = {}
+    for f in sorted((ws.root / "evaluations").glob("2*/copies.csv")):  # timestamped names sort by time
+        frame = pd.read_csv(f)
+        flags.update(zip(frame["sample_id"].astype(int), frame["copy"].astype(bool)))
+    return flags
+
+
+def _utility(model, test_x: np.ndarray, test_y: np.ndarray) -> dict:
+    pred = predict(model, test_x)
+    return {"accuracy": float(accuracy_score(test_y, pred)),
+            "balanced_accuracy": float(balanced_accuracy_score(test_y, pred))}
+
+
+__all__ = ["EvaluateConfig", "EvaluationResult", "FeatureExtractor", "evaluate", "fid", "prdc", "flag_copies",
+           "copy_threshold", "copy_flags", "nearest_train", "lineage", "chosen_versions", "expert_plausibility"]

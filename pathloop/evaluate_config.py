@@ -1,0 +1,38 @@
+"""The options of `pathloop evaluate`, kept free of torch imports so the CLI builds its parser fast."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from store.errors import PathloopError
+
+
+@dataclass
+class EvaluateConfig:
+    """How `pathloop evaluate` measures; written into the evaluation folder with the results."""
+
+    per_class: int = field(default=64, metadata={"help": "fresh samples per class and version (same seeds for all)"})
+    sampler: str = field(default="ddim", metadata={"help": "sampler of the fresh samples: ddim or ddpm"})
+    steps: int = field(default=50, metadata={"help": "sampler steps of the fresh samples"})
+    guidance: float = field(default=1.0, metadata={"help": "classifier-free guidance of the fresh samples (1 = none)"})
+    seed: int = field(default=0, metadata={"help": "base seed of the fresh samples and the classifiers"})
+    features: str = field(default="workspace", metadata={
+        "help": "feature space: workspace (a classifier trained once on the real train tiles, cached) or timm:NAME"})
+    weights: str | None = field(default=None, metadata={"help": "local weights file for --features timm:NAME"})
+    nearest_k: int = field(default=5, metadata={"help": "k of precision/recall/density/coverage"})
+    copy_percentile: float = field(default=5.0, metadata={
+        "help": "a sample at or below this percentile of real-to-real nearest distances is a copy"})
+    utility_epochs: int = field(default=30, metadata={"help": "epochs of the downstream-utility classifiers"})
+
+    def __post_init__(self) -> None:
+        for name in ("per_class", "steps", "nearest_k", "utility_epochs"):
+            if getattr(self, name) < 1:
+                raise PathloopError(f"{name} = {getattr(self, name)}; expected at least 1")
+        if self.per_class < 2:
+            raise PathloopError(f"per_class = {self.per_class}; expected at least 2 (FID needs two samples)")
+        if self.sampler not in ("ddim", "ddpm"):
+            raise PathloopError(f"sampler {self.sampler!r}; expected ddim or ddpm")
+        if not 0 < self.copy_percentile < 100:
+            raise PathloopError(f"copy_percentile = {self.copy_percentile}; expected a percentile in (0, 100)")
+        if self.features != "workspace" and not self.features.startswith("timm:"):
+            raise PathloopError(f"--features {self.features!r}; expected workspace or timm:NAME")

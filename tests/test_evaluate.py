@@ -1,0 +1,291 @@
+"""`pathloop evaluate`: metrics on hand-made feature sets, copy flags, and a whole evaluation on a tiny workspace.
+
+The Wilson interval itself is tested in tests/test_agreement.py; here it is only used.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+from sqlmodel import Session, select
+
+from finetune.config import PretrainConfig
+from finetune.pretrain import pretrain
+from finetune.registry import load_generator
+from finetune.sample import SampleSettings, generate_into_store
+from pathloop.evaluate import (
+    EvaluateConfig,
+    chosen_versions,
+    copy_flags,
+    evaluate,
+    fid,
+    flag_copies,
+    lineage,
+    prdc,
+)
+from pathloop.features import workspace_extractor
+from store.agreement import wilson_interval
+from store.db import make_engine, upgrade
+from store.errors import PathloopError
+from store.generators import incoming_folder, register_generator, training_tiles
+from store.images import load_rgb
+from store.ingest import import_tiles
+from store.models import Annotator, Evaluation, Judgment, Sample
+from store.workspace import Settings, Workspace
+
+SIZE = 16
+CLASSES = ["red", "blue"]
+
+
+# ---------------------------------------------------------------- metrics with known answers
+
+
+def test_identical_feature_sets_give_fid_zero_and_full_precision_recall_coverage():
+    x = np.random.default_rng(0).normal(size=(60, 4))
+    assert fid(x, x) == pytest.approx(0.0, abs=1e-6)
+    m = prdc(x, x.copy(), nearest_k=3)
+    assert m["precision"] == 1.0 and m["recall"] == 1.0 and m["coverage"] == 1.0
+
+
+def test_far_apart_feature_sets_give_zero_precision_recall_coverage_and_a_large_fid():
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(50, 4)), rng.normal(size=(40, 4)) + 100.0
+    m = prdc(real, fake, nearest_k=3)
+    assert (m["precision"], m["recall"], m["density"], m["coverage"]) == (0.0, 0.0, 0.0, 0.0)
+    assert fid(real, fake) == pytest.approx(4 * 100.0 ** 2, rel=0.05)  # ‖μ₁ − μ₂‖² dominates
+
+
+def test_fid_of_two_gaussians_by_hand():
+    # Same covariance I, means 0 and (3, 0): FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) = 9.
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(4000, 2))
+    b = a + np.array([3.0, 0.0])
+    assert fid(a, b) == pytest.approx(9.0, abs=1e-6)
+
+
+def test_an_exact_copy_of_a_train_tile_is_flagged_and_a_fresh_one_is_not():
+    train = np.random.default_rng(3).normal(size=(200, 8))
+    samples = np.stack([train[17], np.full(8, 10.0)])  # a copy, and a point far from every train tile
+    idx, dist, is_copy, thr = flag_copies(train, samples, percentile=5.0)
+    assert thr > 0 and idx[0] == 17 and dist[0] == 0.0
+    assert is_copy.tolist() == [True, False]
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(PathloopError, match="per_class = 1; expected at least 2"):
+        EvaluateConfig(per_class=1)
+    with pytest.raises(PathloopError, match="--features 'inception'; expected workspace or timm:NAME"):
+        EvaluateConfig(features="inception")
+    with pytest.raises(PathloopError, match=r"copy_percentile = 100.0; expected a percentile in \(0, 100\)"):
+        EvaluateConfig(copy_percentile=100.0)
+
+
+# ---------------------------------------------------------------- a tiny workspace
+
+
+def _tiles(root, n_train=10, n_test=4):
+    """Toy tiles in split folders: reddish or bluish noise."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c, base in zip(CLASSES, ([200, 60, 60], [60, 60, 200])):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(np.array(base) + rng.normal(0, 25, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+                PILImage.fromarray(img).save(root / split / c / f"{i}.png")
+    return root
+
+
+def _workspace(tmp_path, name="ws", with_test=True):
+    ws = Workspace.create(tmp_path / name, Settings(classes=CLASSES, tile_size=SIZE))
+    engine = make_engine(ws.database_url)
+    upgrade(engine)
+    crops = _tiles(tmp_path / f"{name}-crops")
+    if not with_test:
+        shutil.rmtree(crops / "test")
+        (crops / "val").mkdir()
+    import_tiles(ws, engine, crops)
+    return ws, engine
+
+
+@pytest.fixture(scope="module")
+def tiny_ws(tmp_path_factory):
+    """A pretrained 2-step generator (v1), a child copy of it (v2), 4 stored samples of v1 with judgments."""
+    tmp = tmp_path_factory.mktemp("eval")
+    ws, engine = _workspace(tmp)
+    cfg = PretrainConfig(train_steps=2, train_batch_size=4, train_lr_warmup_steps=0, checkpoint_every=1,
+                         train_learning_rate=1e-3)
+    parent = pretrain(ws, engine, cfg)
+    folder = incoming_folder(ws)
+    shutil.copytree(ws.root / parent.folder, folder, dirs_exist_ok=True)
+    child = register_generator(ws, engine, folder, kind="finetuned", config={}, parent_id=parent.id, round_number=1)
+    gen = load_generator(ws, engine, parent.id)
+    generate_into_store(ws, engine, gen, per_class=2, settings=SampleSettings("ddim", 2, 1.0, 8))
+    with Session(engine) as s:
+        raters = [Annotator(username=f"r{i}") for i in range(2)]
+        s.add_all(raters)
+        s.flush()
+        samples = s.exec(select(Sample).order_by(Sample.id)).all()
+        for i, smp in enumerate(samples):  # red: 2 of 4 plausible; blue: 4 of 4
+            for a in raters:
+                verdict = "implausible" if smp.class_name == "red" and (i + a.id) % 2 else "plausible"
+                s.add(Judgment(sample_id=smp.id, annotator_id=a.id, verdict=verdict, request_id=f"{smp.id}-{a.id}"))
+        s.commit()
+    yield ws, engine, parent.id, child.id
+    engine.dispose()
+
+
+FAST = dict(per_class=6, steps=2, utility_epochs=2, nearest_k=2)
+
+
+def test_lineage_and_the_default_versions(tiny_ws):
+    ws, engine, parent, child = tiny_ws
+    assert lineage(engine, child) == [parent, child]
+    assert chosen_versions(engine, None, None) == [parent, child]  # the newest version's lineage
+    assert chosen_versions(engine, parent, [child]) == [parent, child]
+
+
+def test_evaluate_writes_the_table_files_plots_and_rows(tiny_ws):
+    ws, engine, parent, child = tiny_ws
+    logs: list[str] = []
+    r = evaluate(ws, engine, EvaluateConfig(**FAST), progress=False, log=logs.append)
+    assert [v["generator_id"] for v in r.versions] == [parent, child]
+    first = r.versions[0]
+    red = first["expert"]["per_class"]["red"]
+    assert (red["n"], red["plausible"]) == (4, 2)
+    assert (red["low"], red["high"]) == pytest.approx(wilson_interval(2, 4))
+    assert (first["expert"]["n"], first["expert"]["plausible"]) == (8, 6)
+    assert r.versions[1]["expert"]["rate"] is None and first["reward"] is None  # no reward version: "-"
+    # v2 is a copy of v1's weights and the fresh samples share seeds: the same numbers.
+    assert r.versions[1]["fid"] == pytest.approx(first["fid"]) and r.versions[1]["coverage"] == first["coverage"]
+    for v in r.versions:
+        assert np.isfinite(v["fid"]) and 0 <= v["precision"] <= 1 and 0 <= v["utility"]["accuracy"] <= 1
+        assert v["fresh_samples"] == 12 and v["real_test_tiles"] == 8
+    assert first["memorisation"]["stored"] == 4
+    lines = r.table.splitlines()
+    assert lines[0].split() == [f"v{parent}", f"v{child}", "r1"]
+    assert any(line.startswith("expert plausible [95% CI]") and "n=8" in line and "- (n=0)" in line for line in lines)
+    assert any(line.startswith("FID (lower is better)") for line in lines)
+
+    files = {p.name for p in r.folder.iterdir()}
+    assert {"metrics.csv", "metrics.json", "copies.csv", "plausibility.png", "trends.png", "table.txt"} <= files
+    assert (r.folder / "plausibility.png").stat().st_size > 1000
+    data = json.loads((r.folder / "metrics.json").read_text())
+    assert [v["generator_id"] for v in data["versions"]] == [parent, child]
+    import pandas as pd
+
+    assert list(pd.read_csv(r.folder / "metrics.csv")["generator_id"]) == [parent, child]
+    with Session(engine) as s:
+        rows = s.exec(select(Evaluation).where(Evaluation.id.in_(r.evaluation_ids)).order_by(Evaluation.id)).all()
+    assert [e.generator_id for e in rows] == [parent, child]
+    assert rows[0].plots[0].startswith("evaluations/") and (ws.root / rows[0].plots[0]).is_file()
+    assert rows[0].metrics["fid"] == pytest.approx(first["fid"])
+
+    # The extractor is trained once per set of train tiles, then reused.
+    assert any("trained the feature extractor" in m for m in logs) or (ws.models_dir / "evaluator").is_dir()
+    refs = training_tiles(ws, engine, "train")
+    images = np.stack([load_rgb(t.path, SIZE) for t in refs])
+    _, info = workspace_extractor(ws, [t.tile_id for t in refs], images, np.zeros(len(refs), dtype=int))
+    assert not info.trained_now
+
+
+def test_a_stored_copy_of_a_train_tile_is_flagged(tiny_ws, tmp_path):
+    from store.generators import add_samples
+    from store.images import encode
+
+    ws, engine, parent, child = tiny_ws
+    refs = training_tiles(ws, engine, "train")
+    copy = load_rgb(refs[0].path, SIZE)
+    add_samples(ws, engine, child, [(encode(copy), refs[0].class_name, 999)], sampler="ddim", steps=2, guidance=1.0)
+    r = evaluate(ws, engine, EvaluateConfig(**FAST), model=child, against=[child], progress=False, log=lambda m: None)
+    import pandas as pd
+
+    copies = pd.read_csv(r.folder / "copies.csv")
+    row = copies[copies["generator_id"] == child].iloc[0]
+    assert bool(row["copy"]) and row["nearest_tile_id"] == refs[0].tile_id and row["distance"] < 1e-4
+    assert r.versions[0]["memorisation"]["stored_copies"] == 1
+    flags = copy_flags(ws)
+    assert flags[int(row["sample_id"])] and sum(flags.values()) == 1
+
+
+def test_reward_predicted_plausibility_uses_stored_scores_and_scores_the_rest(tiny_ws):
+    from reward.config import RewardConfig
+    from reward.model import RewardModel, model_config, save_folder
+    from store.rewards import add_scores, register_reward
+    from store.rewards import incoming_folder as reward_folder
+
+    ws, engine, parent, child = tiny_ws
+    folder = reward_folder(ws)
+    torch_model = RewardModel("test_resnet", len(CLASSES))
+    save_folder(torch_model, model_config(RewardConfig(backbone="test_resnet"), CLASSES, SIZE), folder)
+    rv = register_reward(ws, engine, folder, backbone="test_resnet", config={}, metrics={}, data_manifest={})
+    with Session(engine) as s:
+        first = s.exec(select(Sample.id).where(Sample.generator_id == parent).order_by(Sample.id)).first()
+    add_scores(engine, rv.id, [(first, 0.0)])
+    r = evaluate(ws, engine, EvaluateConfig(**FAST), model=parent, against=[parent], progress=False,
+                 log=lambda m: None)
+    rw = r.versions[0]["reward"]
+    assert rw["reward_id"] == rv.id and rw["stored"]["n"] == 4 and rw["scored_now"] == 3
+    assert 0 <= rw["stored"]["mean"] < 0.75  # one stored 0.0 among four probabilities
+    assert rw["fresh"]["n"] == 12 and 0 < rw["fresh"]["mean"] < 1
+    assert "reward p, fresh samples" in r.table and "n=4" in r.table
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tiny_ws, tmp_path):
+    ws, engine, parent, child = tiny_ws
+    before = set((ws.root / "evaluations").iterdir()) if (ws.root / "evaluations").exists() else set()
+    with Session(engine) as s:
+        n_before = len(s.exec(select(Evaluation)).all())
+    with pytest.raises(PathloopError, match=r"^generator version 99 does not exist; known: 1, 2$"):
+        evaluate(ws, engine, EvaluateConfig(**FAST), model=99, progress=False)
+    with pytest.raises(PathloopError, match=r"^generator version 42 does not exist"):
+        evaluate(ws, engine, EvaluateConfig(**FAST), model=parent, against=[42], progress=False)
+
+    bare, bare_engine = _workspace(tmp_path, "bare", with_test=False)
+    copy = incoming_folder(bare)
+    shutil.copytree(ws.root / "models" / "generators" / str(parent), copy, dirs_exist_ok=True)
+    register_generator(bare, bare_engine, copy, kind="imported", config={})
+    with pytest.raises(PathloopError, match=r"^the workspace has no test tiles; ingest slides first"):
+        evaluate(bare, bare_engine, EvaluateConfig(**FAST), progress=False)
+    assert not (bare.root / "evaluations").exists() and not (bare.models_dir / "evaluator").exists()
+    bare_engine.dispose()
+
+    after = set((ws.root / "evaluations").iterdir()) if (ws.root / "evaluations").exists() else set()
+    with Session(engine) as s:
+        assert len(s.exec(select(Evaluation)).all()) == n_before
+    assert after == before
+
+
+def test_cli_evaluate_prints_the_table(tiny_ws, pathloop_exe):
+    import subprocess
+
+    ws, engine, parent, child = tiny_ws
+    out = subprocess.run([pathloop_exe, "evaluate", "-w", str(ws.root), "--model", str(child), "--per-class", "4",
+                          "--steps", "2", "--utility-epochs", "1", "--nearest-k", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "expert plausible [95% CI]" in out.stdout and "wrote " in out.stdout
+    bad = subprocess.run([pathloop_exe, "evaluate", "-w", str(ws.root), "--model", "77"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == ["pathloop: error: generator version 77 does not exist; known: 1, 2"]
+
+
+def test_a_timm_extractor_takes_local_weights_only(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from pathloop.features import timm_extractor
+
+    with pytest.raises(PathloopError, match=r"^--features timm:test_resnet needs --weights PATH"):
+        timm_extractor("test_resnet", None)
+    with pytest.raises(PathloopError, match=r"^--weights .*nope.safetensors: no such file"):
+        timm_extractor("test_resnet", tmp_path / "nope.safetensors")
+    src = timm.create_model("test_resnet", pretrained=False)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "w.safetensors")
+    extractor, info = timm_extractor("test_resnet", tmp_path / "w.safetensors")
+    feats = extractor.embed(np.random.default_rng(0).integers(0, 255, (3, SIZE, SIZE, 3), dtype=np.uint8))
+    assert feats.shape == (3, extractor.num_features) and info.name == "timm:test_resnet"
