@@ -474,7 +474,7 @@ def _add_dataclass_options(p: argparse.ArgumentParser, cls, aliases: dict[str, l
         flags = [f"--{f.name.replace('_', '-')}", *aliases.get(f.name, [])]
         default = f.default if f.default is not dataclasses.MISSING else None
         kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(str(f.type).split(" |")[0], str)
-        p.add_argument(*flags, dest=f.name, type=kind, default=None, metavar=f.name.split("_")[-1].upper(),
+        p.add_argument(*flags, dest=f.name, type=kind, default=None, metavar=f.metadata.get("metavar", f.name.split("_")[-1].upper()),
                        help=f"{f.metadata.get('help', '')} (default: {default})")
 
 

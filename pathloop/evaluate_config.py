@@ -11,7 +11,7 @@ from store.errors import PathloopError
 class EvaluateConfig:
     """How `pathloop evaluate` measures; written into the evaluation folder with the results."""
 
-    per_class: int = field(default=64, metadata={"help": "fresh samples per class and version (same seeds for all)"})
+    per_class: int = field(default=64, metadata={"metavar": "N", "help": "fresh samples per class and version (same seeds for all)"})
     sampler: str = field(default="ddim", metadata={"help": "sampler of the fresh samples: ddim or ddpm"})
     steps: int = field(default=50, metadata={"help": "sampler steps of the fresh samples"})
     guidance: float = field(default=1.0, metadata={"help": "classifier-free guidance of the fresh samples (1 = none)"})

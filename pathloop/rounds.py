@@ -41,7 +41,7 @@ LOCK_MINUTES = 10
 class RoundOptions:
     """How a round runs; fixed when the round starts and kept in ``Round.details``."""
 
-    per_class: int = field(default=32, metadata={"help": "samples generated per class for the experts to rate"})
+    per_class: int = field(default=32, metadata={"metavar": "N", "help": "samples generated per class for the experts to rate"})
     sampler: str = field(default="ddim", metadata={"help": "ddim or ddpm"})
     sample_steps: int = field(default=50, metadata={"help": "sampler steps"})
     guidance: float = field(default=1.0, metadata={"help": "classifier-free guidance scale (1 = none)"})
@@ -54,7 +54,7 @@ class RoundOptions:
     finetune_checkpoint_every: int = field(default=100, metadata={"help": "fine-tuning checkpoint interval (steps)"})
     beta: float = field(default=0.3, metadata={"help": "weight of the real-tile denoising term"})
     weighting: str = field(default="reward", metadata={"help": "reward, binary or normalized"})
-    eval_per_class: int = field(default=16, metadata={"help": "fresh samples per class to compare parent and child"})
+    eval_per_class: int = field(default=16, metadata={"metavar": "N", "help": "fresh samples per class to compare parent and child"})
     seed: int = field(default=0, metadata={"help": "base seed of the round's sampling and training"})
 
     def __post_init__(self) -> None:
