@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PATHLOOP := $(VENV)/bin/pathloop
 DEMO ?= demo-workspace
-DEMO_STEPS ?= 150
+DEMO_STEPS ?= 450
 DEMO_HOST ?= 127.0.0.1
 DEMO_PORT ?= 8501
 # torch and torchvision first and pinned: on this lab's machines they install from local disk,
@@ -31,11 +31,12 @@ demo: $(STAMP)
 	@mkdir -p $(DEMO)/slides
 	$(PATHLOOP) demo-slide $(DEMO)/slides/ihc.tiff
 	$(PATHLOOP) ingest --workspace $(DEMO) $(DEMO)/slides/ihc.tiff --regions $(DEMO)/slides/ihc.geojson --stride 16
-	@# A brief CPU pretraining of the tiny preset (about 3 minutes on 2 cores); skipped once done.
+	@# A CPU pretraining of the tiny preset (about 6 minutes on 2 cores); skipped once done.
 	@$(PATHLOOP) generator list --workspace $(DEMO) | grep -q pretrained || \
 		$(PATHLOOP) pretrain --workspace $(DEMO) --preset tiny --steps $(DEMO_STEPS) --batch-size 32 \
 			--lr 1e-3 --train-lr-warmup-steps 20 --checkpoint-every 50 --run-name demo-pretrain --resume auto
-	$(PATHLOOP) generate --workspace $(DEMO) --model latest --per-class 16 --steps 25 --seed 0
+	@# DDPM (ancestral) sampling: from this briefly trained model, DDIM leaves pixel noise.
+	$(PATHLOOP) generate --workspace $(DEMO) --model latest --per-class 16 --sampler ddpm --steps 100 --seed 0
 	$(PATHLOOP) status --workspace $(DEMO)
 	@# Demo accounts: created once, passwords regenerated and printed on every run.
 	@for pair in admin:admin rater:annotator; do name=$${pair%%:*}; role=$${pair##*:}; \
