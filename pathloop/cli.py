@@ -430,8 +430,9 @@ def _round_status(ws, engine, as_json: bool) -> int:
               f"{r.generator_out_id or '-':>7} {samples:>7} {judged:>6} {_fmt(auc):>14} {plaus:>14}  "
               f"{r.created_at:%Y-%m-%d %H:%M}  {f'{r.finished_at:%Y-%m-%d %H:%M}' if r.finished_at else '-'}"
               f"{'  locked by ' + r.lock_owner if r.lock_owner else ''}")
-    if rounds.open_round(engine) and not rounds.is_due(ws, engine):
-        print(rounds.waiting_message(engine, rounds.open_round(engine), ws))
+    waiting = rounds.open_round(engine)
+    if waiting is not None and not rounds.is_due(ws, engine):
+        print(rounds.waiting_message(engine, waiting, ws))
     return 0
 
 

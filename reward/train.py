@@ -60,11 +60,15 @@ def make_lr_scheduler(optimizer, cfg: RewardConfig, total_steps: int):
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, total_steps // 3), gamma=0.1)
 
 
+def eval_loader(accelerator: Accelerator, data: ExampleSet, batch_size: int):
+    """Indices of every example in order, sharded across processes; prepare once, reuse each epoch."""
+    return accelerator.prepare(DataLoader(torch.arange(len(data)), batch_size=batch_size, shuffle=False))
+
+
 @torch.inference_mode()
-def predict_logits(accelerator: Accelerator, model, data: ExampleSet, batch_size: int) -> np.ndarray:
-    """``(N,)`` logits of every example, in order, gathered from all processes."""
+def predict_logits(accelerator: Accelerator, model, data: ExampleSet, loader) -> np.ndarray:
+    """``(N,)`` logits of every example, in order, gathered from all processes (``loader``: ``eval_loader``)."""
     model.eval()
-    loader = accelerator.prepare(DataLoader(torch.arange(len(data)), batch_size=batch_size, shuffle=False))
     out = []
     for idx in loader:
         cpu = idx.cpu()
@@ -113,6 +117,7 @@ def train_reward(ws: Workspace, engine: Engine, cfg: RewardConfig, *, progress: 
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     lr_scheduler = accelerator.prepare(make_lr_scheduler(optimizer, cfg, cfg.train_epochs * len(loader)
                                                          * accelerator.num_processes))
+    val_loader = eval_loader(accelerator, sets["val"], cfg.train_batch_size)
     if cfg.log_with:
         accelerator.init_trackers("pathloop-reward", config={k: v for k, v in asdict(cfg).items() if v is not None})
 
@@ -142,7 +147,7 @@ def train_reward(ws: Workspace, engine: Engine, cfg: RewardConfig, *, progress: 
         train_loss = accelerator.gather(torch.stack(losses).mean()).mean().item()
         if not math.isfinite(train_loss):
             raise PathloopError(f"the loss became {train_loss} in epoch {epoch + 1}; lower --train-learning-rate")
-        val_logits = predict_logits(accelerator, model, sets["val"], cfg.train_batch_size)
+        val_logits = predict_logits(accelerator, model, sets["val"], val_loader)
         auc = _monitor(M.sigmoid(val_logits), sets["val"])
         val_loss = M.soft_bce(val_logits, sets["val"].targets.numpy())
         score = (auc if auc is not None else -math.inf, -val_loss)  # equal AUC (say both 1.0): lower loss wins
@@ -163,11 +168,11 @@ def train_reward(ws: Workspace, engine: Engine, cfg: RewardConfig, *, progress: 
 
     final = accelerator.unwrap_model(model)
     final.load_state_dict(best["state"])
-    val_logits = predict_logits(accelerator, model, sets["val"], cfg.train_batch_size)
+    val_logits = predict_logits(accelerator, model, sets["val"], val_loader)
     expert = sets["val"].expert.numpy()
     temperature = M.fit_temperature(val_logits[expert], sets["val"].targets.numpy()[expert])
     final.temperature.fill_(temperature)
-    test_logits = predict_logits(accelerator, model, sets["test"], cfg.train_batch_size)
+    test_logits = predict_logits(accelerator, model, sets["test"], eval_loader(accelerator, sets["test"], cfg.train_batch_size))
     metrics = {
         "test": _split_metrics(M.sigmoid(test_logits / temperature), sets["test"]),
         "test_uncalibrated": _split_metrics(M.sigmoid(test_logits), sets["test"]),
