@@ -12,7 +12,10 @@ DEMO_PORT ?= 8501
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint bench-ingest bench-generator bench-queue bench-reward bench-finetune clean-demo
+STUDY ?= study
+STUDY_ARGS ?=
+
+.PHONY: demo test install lint study bench-ingest bench-generator bench-queue bench-reward bench-finetune clean-demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +38,22 @@ demo: $(STAMP)
 	@$(PATHLOOP) generator list --workspace $(DEMO) | grep -q pretrained || \
 		$(PATHLOOP) pretrain --workspace $(DEMO) --preset tiny --steps $(DEMO_STEPS) --batch-size 32 \
 			--lr 1e-3 --train-lr-warmup-steps 20 --checkpoint-every 50 --run-name demo-pretrain --resume auto
+	@# One round of the loop, rated by two simulated experts (pathloop/simulate.py): the round
+	@# generates 16 tiles per class, the raters judge each, the reward model learns their verdicts;
+	@# the round then waits at fine-tuning for `pathloop round --workspace $(DEMO)`. Done once.
 	@# DDPM (ancestral) sampling: from this briefly trained model, DDIM leaves pixel noise.
+	@if $(PATHLOOP) round status --workspace $(DEMO) | grep -q "no rounds yet"; then set -e; \
+		$(PATHLOOP) round --workspace $(DEMO) --per-class 16 --sampler ddpm --sample-steps 100 \
+			--reward-epochs 20 --finetune-steps 300 --finetune-lr 1e-4 --eval-per-class 16; \
+		$(PATHLOOP) simulate-expert --workspace $(DEMO) --raters 2 --noise 0.05; \
+		$(PATHLOOP) round --workspace $(DEMO) --step awaiting_ratings; \
+		$(PATHLOOP) round --workspace $(DEMO) --step training_reward; fi
+	@# More tiles, outside the round, for a newcomer to rate in the browser.
 	$(PATHLOOP) generate --workspace $(DEMO) --model latest --per-class 16 --sampler ddpm --steps 100 --seed 0
+	@test -d $(DEMO)/evaluations || $(PATHLOOP) evaluate --workspace $(DEMO) --model latest --per-class 32 \
+		--sampler ddpm --steps 100 --simulated-expert
 	$(PATHLOOP) status --workspace $(DEMO)
+	$(PATHLOOP) round status --workspace $(DEMO)
 	@# Demo accounts: created once, passwords regenerated and printed on every run.
 	@for pair in admin:admin rater:annotator; do name=$${pair%%:*}; role=$${pair##*:}; \
 		if $(PATHLOOP) users list --workspace $(DEMO) | grep -q "^$$name "; then \
@@ -50,6 +66,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check store annotate_app reward finetune pathloop tests benchmarks
+
+# The loop study (benchmarks/loop_study.py): loop vs control from a fresh generator, about 25
+# minutes on 2 CPU cores; results and plots in $(STUDY)/. STUDY_ARGS="--rounds 5" etc. to change it.
+study: $(STAMP)
+	$(PY) benchmarks/loop_study.py --out $(STUDY) $(STUDY_ARGS)
 
 bench-ingest: $(STAMP)
 	$(PY) benchmarks/ingest.py

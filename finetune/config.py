@@ -63,7 +63,7 @@ def _raise_first_failed(cfg, checks: list[tuple[bool, str]]) -> None:
             raise PathloopError(f"{message} (got {getattr(cfg, message.split()[0], '?')!s})")
 
 
-WEIGHTINGS = ("reward", "binary", "normalized")
+WEIGHTINGS = ("reward", "binary", "normalized", "none")
 
 
 @dataclass
@@ -79,7 +79,9 @@ class FinetuneConfig:
         "help": "synthetic tiles per process per micro-batch; as many real tiles join them"})
     train_gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     train_learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate"})
-    train_lr_warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then constant"})
+    train_lr_warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    train_lr_schedule: str = field(default="constant", metadata={
+        "help": "after the warm-up: constant, or cosine (decays to 0 at the last step, as pretraining does)"})
     train_adam_weight_decay: float = field(default=1e-6, metadata={"help": "AdamW weight decay"})
     train_max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     train_class_dropout: float = field(default=0.1, metadata={
@@ -89,7 +91,8 @@ class FinetuneConfig:
         "help": "weight of the real-tile denoising term, the regulariser (Sun et al. use 0.3)"})
     weighting: str = field(default="reward", metadata={
         "help": "sample weights: reward (probability as is), binary (1 at or above the threshold, else 0), "
-                "normalized (divided by the batch mean)"})
+                "normalized (divided by the batch mean), none (all 0: the real-tile term alone, i.e. plain continued "
+                "pretraining at the same cost, the control of the loop study)"})
     weighting_threshold: float = field(default=0.5, metadata={"help": "threshold of the binary weighting"})
     weighting_min_ratings: int = field(default=2, metadata={
         "help": "a sample with at least this many current plausible/implausible judgments is weighted by the "
@@ -111,6 +114,7 @@ class FinetuneConfig:
             (self.train_gradient_accumulation_steps >= 1, "train_gradient_accumulation_steps must be >= 1"),
             (self.train_learning_rate > 0, "train_learning_rate must be > 0"),
             (self.train_lr_warmup_steps >= 0, "train_lr_warmup_steps must be >= 0"),
+            (self.train_lr_schedule in ("constant", "cosine"), "train_lr_schedule must be constant or cosine"),
             (self.train_max_grad_norm > 0, "train_max_grad_norm must be > 0"),
             (0 <= self.train_class_dropout < 1, "train_class_dropout must be in [0, 1)"),
             (self.beta >= 0, "beta must be >= 0"),

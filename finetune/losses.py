@@ -60,10 +60,12 @@ def sample_weights(expert_targets: torch.Tensor, reward_probs: torch.Tensor, mod
     has too few ratings; ``reward_probs``: ``(B,)`` calibrated p(plausible) from the reward
     model, used where the experts' verdict is NaN. Modes: ``reward`` the plausibility as is;
     ``binary`` 1 where it is >= ``threshold``, else 0; ``normalized`` divided by the batch
-    mean (all zeros stay zeros).
+    mean (all zeros stay zeros); ``none`` all 0, whatever the plausibility (a control without feedback).
     """
     if mode not in WEIGHTINGS:
         raise ValueError(f"weighting {mode!r}; expected one of: {', '.join(WEIGHTINGS)}")
+    if mode == "none":
+        return torch.zeros(expert_targets.shape, dtype=torch.float32)
     p = torch.where(torch.isnan(expert_targets), reward_probs, expert_targets).float()
     if torch.isnan(p).any():
         raise ValueError("a tile has neither an experts' verdict nor a reward probability")

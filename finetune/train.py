@@ -66,8 +66,8 @@ class WeightedSample:
     sample_id: int
     path: Path
     class_name: str
-    source: str  # experts | reward
-    plausibility: float  # experts' share of plausible, or p(plausible) from the reward model
+    source: str  # experts | reward | none (weighting "none": no feedback read)
+    plausibility: float  # experts' share of plausible, or p(plausible) from the reward model; 0 for none
     ratings: int
     judgment_ids: tuple[int, ...]
 
@@ -124,6 +124,8 @@ def weighted_samples(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_
             raise PathloopError(f"sample {s.sample_id} has class {s.class_name!r}; the workspace classes are {classes}")
         if (s.width, s.height) != (size, size):
             raise PathloopError(f"sample {s.sample_id} is {s.width}x{s.height} px; the workspace tile_size is {size}")
+    if cfg.weighting == "none":  # no feedback at all: nothing to read or score
+        return [WeightedSample(s.sample_id, s.path, s.class_name, "none", 0.0, 0, ()) for s in chosen]
     rated = {r.sample_id: r for r in rated_samples(ws, engine)}
     enough = {s.sample_id for s in chosen
               if s.sample_id in rated and rated[s.sample_id].ratings >= cfg.weighting_min_ratings}
@@ -264,7 +266,8 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
     noise_scheduler = DDPMScheduler.from_config(parent.scheduler_config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train_learning_rate,
                                   weight_decay=cfg.train_adam_weight_decay)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer=optimizer,
+    schedule = "constant_with_warmup" if cfg.train_lr_schedule == "constant" else "cosine"
+    lr_scheduler = get_scheduler(schedule, optimizer=optimizer,
                                  num_warmup_steps=cfg.train_lr_warmup_steps, num_training_steps=cfg.train_steps)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4,
                    model_cls=UNet2DModel, model_config=unet.config)
@@ -363,7 +366,7 @@ def _record(cfg: FinetuneConfig, samples: list[WeightedSample], tiles: list, exp
         "weighting_min_ratings": cfg.weighting_min_ratings, "sample_selection": cfg.samples,
         "samples": [{"id": s.sample_id, "class": s.class_name, "source": s.source, "plausibility": s.plausibility,
                      "weight": w} for s, w in zip(samples, weights)],
-        "weight_sources": {src: sum(s.source == src for s in samples) for src in ("experts", "reward")},
+        "weight_sources": {src: sum(s.source == src for s in samples) for src in ("experts", "reward", "none")},
         "mean_weight": float(np.mean(weights)),
         "judgment_ids": sorted(j for s in samples for j in s.judgment_ids),
         "train_tiles": len(tiles), "train_tile_ids": [t.tile_id for t in tiles],

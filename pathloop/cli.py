@@ -381,15 +381,37 @@ def cmd_users(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from store.export import export_judgments
+    from store.export import export_judgments, export_samples
 
     ws, engine = _open(args)
+    if args.what == "samples":
+        if args.format != "csv":
+            raise PathloopError(f"--format {args.format}: samples are exported as PNG files with a CSV manifest")
+        from pathloop.evaluate import copy_flags
+
+        copies = copy_flags(ws)  # the manifest says which samples an evaluation checked, and what it found
+        model = _generator_id(engine, args.model) if args.model else None
+        out = Path(args.out) if args.out else ws.root / "exports" / f"samples-{_stamp()}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        kept, left_out = export_samples(ws, engine, out, generator_id=model, copies=copies,
+                                        exclude_copies=args.exclude_copies)
+        print(f"wrote {kept} samples to {out} (manifest.csv)" + (f"; left out {left_out} flagged as copies of real "
+                                                                  f"training tiles" if args.exclude_copies else ""))
+        return 0
+    if args.model or args.exclude_copies:
+        raise PathloopError("--model and --exclude-copies apply to `export samples`, not `export judgments`")
     fmt = args.format
     out = Path(args.out) if args.out else ws.root / "exports" / f"judgments.{ {'jsonl': 'jsonl'}.get(fmt, fmt) }"
     out.parent.mkdir(parents=True, exist_ok=True)
     n = export_judgments(engine, out, fmt)
     print(f"wrote {n} judgments to {out}")
     return 0
+
+
+def _stamp() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def cmd_round(args) -> int:
@@ -425,7 +447,7 @@ def _round_status(ws, engine, as_json: bool) -> int:
         d = r.details
         auc = (d.get("reward_metrics") or {}).get("roc_auc")
         ev = d.get("evaluation") or {}
-        plaus = f"{ev['parent']:.2f}→{ev['child']:.2f}" if ev else "-"
+        plaus = f"{ev['parent']:.2f}→{ev['child']:.2f}" if ev.get("parent") is not None else "-"
         print(f"{r.number:>5}  {r.state:<17} {r.generator_in_id or '-':>6} {r.reward_id or '-':>6} "
               f"{r.generator_out_id or '-':>7} {samples:>7} {judged:>6} {_fmt(auc):>14} {plaus:>14}  "
               f"{r.created_at:%Y-%m-%d %H:%M}  {f'{r.finished_at:%Y-%m-%d %H:%M}' if r.finished_at else '-'}"
@@ -647,13 +669,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate-password", action="store_true", help="generate one and print it once")
     p.set_defaults(func=cmd_users)
 
-    p = sub.add_parser("export", help="export judgments with full provenance", parents=[ws],
-                       description="One row per judgment (all rows; `current` marks those not superseded) with "
-                                   "annotator, verdict, reasons, comment, seconds, timestamps and the item's "
-                                   "provenance.")
-    p.add_argument("what", choices=["judgments"])
+    p = sub.add_parser("export", help="export judgments with full provenance, or synthetic samples to share",
+                       parents=[ws],
+                       description="judgments: one row per judgment (all rows; `current` marks those not "
+                                   "superseded) with annotator, verdict, reasons, comment, seconds, timestamps and "
+                                   "the item's provenance. samples: a new folder of CLASS/SAMPLE_ID.png with a "
+                                   "manifest.csv of each sample's recipe; --exclude-copies leaves out samples the "
+                                   "latest `pathloop evaluate` flagged as near-copies of real training tiles.")
+    p.add_argument("what", choices=["judgments", "samples"])
     p.add_argument("--format", choices=["csv", "parquet", "jsonl"], default="csv")
-    p.add_argument("--out", metavar="FILE", help="output file (default: WORKSPACE/exports/judgments.FORMAT)")
+    p.add_argument("--out", metavar="PATH", help="output file or, for samples, a new folder "
+                                                 "(default: WORKSPACE/exports/judgments.FORMAT or samples-TIMESTAMP)")
+    p.add_argument("--model", metavar="ID", help="samples: only this generator version's (an id or latest)")
+    p.add_argument("--exclude-copies", action="store_true",
+                   help="samples: leave out near-copies of real training tiles; refuses samples never evaluated")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generator", help="generator versions: list", parents=[ws],

@@ -15,6 +15,9 @@ Per version:
 - **downstream utility**: the small classifier trained on the fresh synthetic tiles only,
   tested on the real test tiles (accuracy, balanced accuracy), next to the same recipe
   trained on the real train tiles;
+- **simulated expert** (``simulated_expert``): the share of the fresh samples the rule-based
+  rater of ``pathloop/simulate.py`` calls plausible, with Wilson intervals, overall and per
+  class: plausibility of samples nobody rated, which the study tracks round by round;
 - **memorisation**: each sample's nearest real train tile in the same feature space; a sample
   at or below the ``copy_percentile``-th percentile of real-to-real nearest-neighbour
   distances (train tiles, leave-one-out) is flagged as a copy. Reported for the fresh samples
@@ -84,11 +87,15 @@ def fid(real: np.ndarray, fake: np.ndarray) -> float:
 def prdc(real: np.ndarray, fake: np.ndarray, nearest_k: int = 5) -> dict[str, float]:
     """Precision, recall, density, coverage (Naeem et al. 2020) via the ``prdc`` package.
 
-    ``k`` is capped at ``len(real) - 1`` and ``len(fake) - 1`` so small sets still work.
+    ``k`` is capped at ``len(real) - 2`` and ``len(fake) - 2`` (prdc takes each point's
+    (k+1)-th nearest, itself included) so small sets still work.
     """
     from prdc import compute_prdc
 
-    k = max(1, min(nearest_k, len(real) - 1, len(fake) - 1))
+    if len(real) < 3 or len(fake) < 3:
+        raise PathloopError(f"precision/recall/density/coverage need at least 3 real and 3 synthetic tiles "
+                            f"(got {len(real)} and {len(fake)})")
+    k = max(1, min(nearest_k, len(real) - 2, len(fake) - 2))
     with contextlib.redirect_stdout(io.StringIO()):  # prdc prints its set sizes
         out = compute_prdc(real_features=np.asarray(real, dtype=np.float64),
                            fake_features=np.asarray(fake, dtype=np.float64), nearest_k=k)
@@ -227,6 +234,21 @@ def _mean_by_class(p: np.ndarray, labels: list[str], classes: list[str]) -> dict
     return {"n": len(p), "mean": float(np.mean(p)) if len(p) else None, "per_class": per}
 
 
+def simulated_plausibility(expert, images: np.ndarray, labels: list[str], classes: list[str]) -> dict:
+    """The simulated expert's verdicts on tiles shown as ``labels``: ``rate`` overall and per class, and the
+    count of each reason it gave."""
+    verdicts = [expert.judge(img, c) for img, c in zip(images, labels)]
+    ok = [v == "plausible" for v, _ in verdicts]
+    out = rate(sum(ok), len(ok))
+    out["per_class"] = {c: rate(sum(o for o, lc in zip(ok, labels) if lc == c), labels.count(c)) for c in classes}
+    reasons: dict[str, int] = {}
+    for _, rs in verdicts:
+        for r in rs:
+            reasons[r] = reasons.get(r, 0) + 1
+    out["reasons"] = reasons
+    return out
+
+
 def reward_plausibility(engine: Engine, reward_fn, stored: list[tuple[int, Path, str]], stored_images: np.ndarray,
                         fresh: np.ndarray, fresh_labels: list[str], classes: list[str]) -> dict | None:
     """Mean p(plausible) of the stored samples (stored scores first) and of the fresh ones; None without a reward."""
@@ -258,8 +280,8 @@ def evaluate(ws: Workspace, engine: Engine, cfg: EvaluateConfig, *, model: int |
         if not (ws.root / get_generator(engine, gid).folder / "unet" / "config.json").is_file():
             raise PathloopError(f"generator version {gid}: its folder is missing or incomplete")
     train_refs, test_refs = training_tiles(ws, engine, "train"), training_tiles(ws, engine, "test")
-    if len(train_refs) < 2 or len(test_refs) < 2:
-        raise PathloopError(f"evaluation needs at least 2 real train and 2 real test tiles (the workspace has "
+    if len(train_refs) < 2 or len(test_refs) < 3:
+        raise PathloopError(f"evaluation needs at least 2 real train and 3 real test tiles (the workspace has "
                             f"{len(train_refs)} and {len(test_refs)})")
     if cfg.features.startswith("timm:"):
         extractor, info = timm_extractor(cfg.features.split(":", 1)[1], Path(cfg.weights) if cfg.weights else None)
@@ -270,6 +292,11 @@ def evaluate(ws: Workspace, engine: Engine, cfg: EvaluateConfig, *, model: int |
     if reward_fn is not None and (set(classes) - set(reward_fn.classes) or reward_fn.image_size != size):
         raise PathloopError(f"reward version {rid} was trained on classes {', '.join(reward_fn.classes)} at "
                             f"{reward_fn.image_size} px; expected the workspace's {', '.join(classes)} at {size} px")
+    judge = None  # fitted before anything is trained or cached, so a misfit writes nothing
+    if cfg.simulated_expert:
+        from pathloop.simulate import SimulatedExpert
+
+        judge = SimulatedExpert.fit(ws, engine)
     if not cfg.features.startswith("timm:"):
         extractor, info = workspace_extractor(ws, [r.tile_id for r in train_refs], train_x, train_y)
         if info.trained_now:
@@ -301,6 +328,7 @@ def evaluate(ws: Workspace, engine: Engine, cfg: EvaluateConfig, *, model: int |
             "generator_id": gid, "parent_id": gv.parent_id, "round": gv.round_number, "kind": gv.kind,
             "expert": expert_plausibility(engine, gid, classes),
             "reward": reward_plausibility(engine, reward_fn, stored, stored_x, fresh, fresh_labels, classes),
+            "simulated_expert": simulated_plausibility(judge, fresh, fresh_labels, classes) if judge else None,
             "fid": fid(test_f, fresh_f), **prdc(test_f, fresh_f, cfg.nearest_k),
             "utility": _utility(syn_clf, test_x, test_y) | {"trained_on": len(fresh)},
             "memorisation": {"threshold": threshold, "fresh_copies": int((fresh_d <= threshold).sum()),

@@ -23,6 +23,9 @@ class EvaluateConfig:
     copy_percentile: float = field(default=5.0, metadata={
         "help": "a sample at or below this percentile of real-to-real nearest distances is a copy"})
     utility_epochs: int = field(default=30, metadata={"help": "epochs of the downstream-utility classifiers"})
+    simulated_expert: bool = field(default=False, metadata={
+        "help": "also rate the fresh samples with the simulated expert (pathloop/simulate.py), fitted on the real "
+                "train tiles: its plausibility with Wilson intervals, for the demo and the study"})
 
     def __post_init__(self) -> None:
         for name in ("per_class", "steps", "nearest_k", "utility_epochs"):

@@ -38,6 +38,15 @@ def _num(x, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _simulated_rows(versions: list[dict], classes: list[str]) -> list[tuple[str, list[str]]]:
+    """The simulated expert's rows, when the evaluation asked for it."""
+    if not any(v.get("simulated_expert") for v in versions):
+        return []
+    sim = [v.get("simulated_expert") or {} for v in versions]
+    return [("simulated expert, fresh [95% CI]", [_share(x) for x in sim]),
+            *((f"  {c}", [_share(x.get("per_class", {}).get(c)) for x in sim]) for c in classes)]
+
+
 def format_table(versions: list[dict], baseline: dict, classes: list[str]) -> str:
     """Metrics as rows, versions as columns."""
     rows: list[tuple[str, list[str]]] = [
@@ -45,6 +54,7 @@ def format_table(versions: list[dict], baseline: dict, classes: list[str]) -> st
         ("parent", [str(v["parent_id"] or "-") for v in versions]),
         ("expert plausible [95% CI]", [_share(v["expert"]) for v in versions]),
         *((f"  {c}", [_share(v["expert"]["per_class"][c]) for v in versions]) for c in classes),
+        *_simulated_rows(versions, classes),
         ("reward p, stored samples", [_num(v["reward"]["stored"]["mean"]) + f" n={v['reward']['stored']['n']}"
                                       if v["reward"] else "-" for v in versions]),
         ("reward p, fresh samples", [_num(v["reward"]["fresh"]["mean"]) if v["reward"] else "-" for v in versions]),

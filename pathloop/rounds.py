@@ -28,9 +28,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, func, select
 
+from finetune.config import WEIGHTINGS
 from store.errors import PathloopError
 from store.judgments import DECISIVE, is_current
-from store.models import Evaluation, GeneratorVersion, Judgment, Round, Sample, utcnow
+from store.models import GeneratorVersion, Judgment, Round, Sample, utcnow
 from store.workspace import Workspace
 
 STATES = ("generating", "awaiting_ratings", "training_reward", "finetuning", "evaluating", "done")
@@ -48,24 +49,31 @@ class RoundOptions:
     reward_backbone: str = field(default="resnet18", metadata={"help": "timm backbone of the reward model"})
     reward_epochs: int = field(default=40, metadata={"help": "maximum reward training epochs"})
     reward_min_samples: int = field(default=20, metadata={"help": "rated samples needed to train the reward model"})
+    min_ratings: int = field(default=2, metadata={"metavar": "N", "help": (
+        "current plausible/implausible judgments that make a sample a reward training example and let the "
+        "experts' verdict, not the reward model, weight it in fine-tuning")})
     finetune_steps: int = field(default=500, metadata={"help": "fine-tuning optimizer steps"})
     finetune_lr: float = field(default=2e-5, metadata={"help": "fine-tuning learning rate"})
+    finetune_lr_schedule: str = field(default="constant", metadata={
+        "help": "fine-tuning learning-rate schedule: constant or cosine (decays to 0)"})
     finetune_batch_size: int = field(default=16, metadata={"help": "synthetic (and as many real) tiles per step"})
     finetune_checkpoint_every: int = field(default=100, metadata={"help": "fine-tuning checkpoint interval (steps)"})
     beta: float = field(default=0.3, metadata={"help": "weight of the real-tile denoising term"})
-    weighting: str = field(default="reward", metadata={"help": "reward, binary or normalized"})
+    weighting: str = field(default="reward", metadata={"help": "reward, binary, normalized or none (no feedback)"})
     eval_per_class: int = field(default=16, metadata={"metavar": "N", "help": "fresh samples per class to compare parent and child"})
     seed: int = field(default=0, metadata={"help": "base seed of the round's sampling and training"})
 
     def __post_init__(self) -> None:
-        for name in ("per_class", "sample_steps", "reward_epochs", "reward_min_samples", "finetune_steps",
+        for name in ("per_class", "sample_steps", "reward_epochs", "reward_min_samples", "min_ratings", "finetune_steps",
                      "finetune_batch_size", "finetune_checkpoint_every", "eval_per_class"):
             if getattr(self, name) < 1:
                 raise PathloopError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.beta < 0:
             raise PathloopError(f"beta must be >= 0 (got {self.beta})")
-        if self.weighting not in ("reward", "binary", "normalized"):
-            raise PathloopError(f"weighting must be reward, binary or normalized (got {self.weighting!r})")
+        if self.finetune_lr_schedule not in ("constant", "cosine"):
+            raise PathloopError(f"finetune_lr_schedule must be constant or cosine (got {self.finetune_lr_schedule!r})")
+        if self.weighting not in WEIGHTINGS:
+            raise PathloopError(f"weighting must be one of {', '.join(WEIGHTINGS)} (got {self.weighting!r})")
 
 
 @dataclass
@@ -272,6 +280,8 @@ def advance(ws: Workspace, engine: Engine, options: RoundOptions | dict | None =
                 nxt = STATES[STATES.index(r.state) + 1]
                 r = _set_state(engine, r.id, nxt, **outcome)
             progress.state = "done"
+            if only is not None:  # that step was the round's last: do not start the next one
+                return progress
         finally:
             release(engine, r.id, owner)
 
@@ -337,7 +347,7 @@ def step_train_reward(ws: Workspace, engine: Engine, r: Round, o: RoundOptions) 
     from reward.train import train_reward
 
     cfg = RewardConfig(backbone=o.reward_backbone, train_epochs=o.reward_epochs,
-                       data_min_samples=o.reward_min_samples, seed=o.seed, run_name=f"round-{r.number}-reward")
+                       data_min_samples=o.reward_min_samples, data_min_ratings=o.min_ratings, seed=o.seed, run_name=f"round-{r.number}-reward")
     version = train_reward(ws, engine, cfg, progress=True)
     scored = score_samples(ws, engine, version.id, "all", progress=True)
     return {"reward_id": version.id, "details": {"reward_metrics": version.metrics, "scored": scored.scored}}
@@ -349,7 +359,9 @@ def step_finetune(ws: Workspace, engine: Engine, r: Round, o: RoundOptions) -> d
     from reward.score import load_reward
 
     cfg = FinetuneConfig(train_steps=o.finetune_steps, train_learning_rate=o.finetune_lr,
+                         train_lr_schedule=o.finetune_lr_schedule,
                          train_batch_size=o.finetune_batch_size, beta=o.beta, weighting=o.weighting,
+                         weighting_min_ratings=o.min_ratings,
                          checkpoint_every=o.finetune_checkpoint_every, samples=str(r.number), seed=o.seed,
                          run_name=f"round-{r.number}-finetune")
     child = finetune(ws, engine, cfg, load_reward(ws, engine, r.reward_id), parent_id=r.generator_in_id,
@@ -358,29 +370,24 @@ def step_finetune(ws: Workspace, engine: Engine, r: Round, o: RoundOptions) -> d
 
 
 def step_evaluate(ws: Workspace, engine: Engine, r: Round, o: RoundOptions) -> dict:
-    """Reward-predicted plausibility of fresh samples (same seeds) from the parent and the child."""
-    import torch
+    """`pathloop evaluate` of the parent and the child on ``eval_per_class`` fresh samples per class (the
+    round's sampler; the round's reward model predicts plausibility): the ``Evaluation`` rows the dashboard
+    shows, and the headline figures in the round's details."""
+    from pathloop.evaluate import evaluate
+    from pathloop.evaluate_config import EvaluateConfig
 
-    from finetune.registry import load_generator
-    from finetune.sample import sample_images
-    from reward.score import load_reward
+    cfg = EvaluateConfig(per_class=max(2, o.eval_per_class), sampler=o.sampler, steps=o.sample_steps,
+                         guidance=o.guidance, seed=o.seed)
+    result = evaluate(ws, engine, cfg, model=r.generator_out_id, against=[r.generator_in_id], progress=False,
+                      log=lambda m: None)
+    by_id = {v["generator_id"]: v for v in result.versions}
+    parent, child = by_id[r.generator_in_id], by_id[r.generator_out_id]
 
-    reward_fn = load_reward(ws, engine, r.reward_id)
-    result = {}
-    for key, gid in (("parent", r.generator_in_id), ("child", r.generator_out_id)):
-        gen = load_generator(ws, engine, gid)
-        per_class = {}
-        for ci, c in enumerate(gen.classes):
-            seeds = [o.seed * 7919 + 1_000_000 * r.number + i for i in range(o.eval_per_class)]
-            images = sample_images(gen.unet, gen.scheduler_config, [ci] * len(seeds), seeds, null_id=gen.null_id,
-                                   sampler=o.sampler, steps=o.sample_steps, guidance=o.guidance)
-            x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-            p = reward_fn(x, torch.full((len(seeds),), reward_fn.classes.index(c), dtype=torch.long))
-            per_class[c] = float(p.mean())
-        result[key] = {"per_class": per_class, "mean": sum(per_class.values()) / len(per_class)}
-    metrics = {"reward_predicted_plausibility": result["child"], "parent": result["parent"],
-               "reward_id": r.reward_id, "round": r.number, "samples_per_class": o.eval_per_class}
-    with Session(engine) as s:
-        s.add(Evaluation(generator_id=r.generator_out_id, metrics=metrics))
-        s.commit()
-    return {"details": {"evaluation": {"parent": result["parent"]["mean"], "child": result["child"]["mean"]}}}
+    def reward_fresh(v: dict) -> float | None:
+        return v["reward"]["fresh"]["mean"] if v["reward"] else None
+
+    return {"details": {"evaluation": {
+        "parent": reward_fresh(parent), "child": reward_fresh(child),  # reward-predicted plausibility, fresh samples
+        "fid": {"parent": parent["fid"], "child": child["fid"]},
+        "coverage": {"parent": parent["coverage"], "child": child["coverage"]},
+        "folder": result.folder.relative_to(ws.root).as_posix(), "evaluation_ids": result.evaluation_ids}}}

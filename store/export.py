@@ -1,4 +1,4 @@
-"""Every judgment with its full provenance, as a DataFrame or a CSV/Parquet/JSONL file.
+"""Every judgment with its full provenance, as a DataFrame or a CSV/Parquet/JSONL file; synthetic samples to share.
 
 One row per judgment row — edits, undos and their originals included — with ``current``
 (store/judgments.py decides) and ``superseded_by`` so a reader can rebuild any history.
@@ -95,3 +95,64 @@ def export_judgments(engine: Engine, out_path: str | os.PathLike, fmt: str) -> i
     finally:
         tmp.unlink(missing_ok=True)
     return len(df)
+
+
+SAMPLE_COLUMNS = ["file", "sample_id", "generator_id", "class_name", "seed", "sampler", "steps", "guidance",
+                  "round_number", "image_sha256", "copy_checked", "copy"]
+
+
+def export_samples(ws, engine: Engine, out_dir: str | os.PathLike, *, generator_id: int | None = None,
+                   copies: dict[int, bool] | None = None, exclude_copies: bool = False) -> tuple[int, int]:
+    """Copy synthetic samples into a new folder ``out_dir``: ``<class>/<sample id>.png`` and ``manifest.csv``.
+
+    ``generator_id``: that version's samples only (default every sample). ``copies`` maps a
+    sample id to whether an evaluation flagged it as a near-copy of a real training tile; with
+    ``exclude_copies`` the flagged ones are left out, and a sample no evaluation has checked is
+    refused rather than shared unchecked. The folder appears complete or not at all. Returns
+    ``(exported, left out)``.
+    """
+    import shutil
+
+    out = Path(out_dir)
+    if out.exists():
+        raise PathloopError(f"{out} already exists; choose a new folder for the export")
+    if not out.parent.is_dir():
+        raise PathloopError(f"cannot write {out}: folder {out.parent} does not exist")
+    copies = copies or {}
+    query = (select(Sample.id, Sample.generator_id, Sample.class_name, Sample.seed, Sample.sampler, Sample.steps,
+                    Sample.guidance, Sample.round_number, Image.path, Image.sha256)
+             .join(Image, Image.id == Sample.image_id).order_by(Sample.id))
+    if generator_id is not None:
+        query = query.where(Sample.generator_id == generator_id)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    if not rows:
+        which = f"generator version {generator_id}" if generator_id is not None else "the workspace"
+        raise PathloopError(f"{which} has no samples to export; `pathloop generate` first")
+    if exclude_copies:
+        unchecked = [r.id for r in rows if r.id not in copies]
+        if unchecked:
+            raise PathloopError(f"{len(unchecked)} of {len(rows)} samples (first: sample {unchecked[0]}) have not been "
+                                f"checked for copies of real tiles; run `pathloop evaluate` on generator version "
+                                f"{next(r.generator_id for r in rows if r.id == unchecked[0])} first")
+    kept = [r for r in rows if not (exclude_copies and copies[r.id])]
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        manifest = []
+        for r in kept:
+            rel = Path(r.class_name) / f"{r.id}.png"
+            (tmp / r.class_name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ws.root / r.path, tmp / rel)
+            manifest.append({"file": rel.as_posix(), "sample_id": r.id, "generator_id": r.generator_id,
+                             "class_name": r.class_name, "seed": r.seed, "sampler": r.sampler, "steps": r.steps,
+                             "guidance": r.guidance, "round_number": r.round_number, "image_sha256": r.sha256,
+                             "copy_checked": r.id in copies, "copy": copies.get(r.id)})
+        tmp.mkdir(exist_ok=True)
+        frame = pd.DataFrame(manifest, columns=SAMPLE_COLUMNS)
+        frame["round_number"] = frame["round_number"].astype("Int64")
+        frame.to_csv(tmp / "manifest.csv", index=False)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return len(kept), len(rows) - len(kept)

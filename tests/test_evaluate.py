@@ -151,7 +151,7 @@ def test_lineage_and_the_default_versions(tiny_ws):
 def test_evaluate_writes_the_table_files_plots_and_rows(tiny_ws):
     ws, engine, parent, child = tiny_ws
     logs: list[str] = []
-    r = evaluate(ws, engine, EvaluateConfig(**FAST), progress=False, log=logs.append)
+    r = evaluate(ws, engine, EvaluateConfig(**FAST, simulated_expert=True), progress=False, log=logs.append)
     assert [v["generator_id"] for v in r.versions] == [parent, child]
     first = r.versions[0]
     red = first["expert"]["per_class"]["red"]
@@ -165,10 +165,14 @@ def test_evaluate_writes_the_table_files_plots_and_rows(tiny_ws):
         assert np.isfinite(v["fid"]) and 0 <= v["precision"] <= 1 and 0 <= v["utility"]["accuracy"] <= 1
         assert v["fresh_samples"] == 12 and v["real_test_tiles"] == 8
     assert first["memorisation"]["stored"] == 4
+    sim = first["simulated_expert"]  # the rule-based rater on the fresh samples, with intervals
+    assert sim["n"] == 12 and sim["per_class"]["red"]["n"] == 6 and sim["low"] <= sim["rate"] <= sim["high"]
+    assert sum(sim["reasons"].values()) >= sim["n"] - sim["plausible"]
     lines = r.table.splitlines()
     assert lines[0].split() == [f"v{parent}", f"v{child}", "r1"]
     assert any(line.startswith("expert plausible [95% CI]") and "n=8" in line and "- (n=0)" in line for line in lines)
     assert any(line.startswith("FID (lower is better)") for line in lines)
+    assert any(line.startswith("simulated expert, fresh [95% CI]") and "n=12" in line for line in lines)
 
     files = {p.name for p in r.folder.iterdir()}
     assert {"metrics.csv", "metrics.json", "copies.csv", "plausibility.png", "trends.png", "table.txt"} <= files
@@ -209,6 +213,59 @@ def test_a_stored_copy_of_a_train_tile_is_flagged(tiny_ws, tmp_path):
     assert r.versions[0]["memorisation"]["stored_copies"] == 1
     flags = copy_flags(ws)
     assert flags[int(row["sample_id"])] and sum(flags.values()) == 1
+
+
+def test_export_samples_leaves_out_copies_and_refuses_unchecked_ones(tiny_ws, tmp_path, pathloop_exe):
+    import subprocess
+
+    import pandas as pd
+
+    from store.generators import add_samples
+    from store.images import encode
+
+    ws, engine, parent, child = tiny_ws
+    refs = training_tiles(ws, engine, "train")
+    add_samples(ws, engine, child, [(encode(load_rgb(refs[1].path, SIZE)), refs[1].class_name, 1000)],
+                sampler="ddim", steps=2, guidance=1.0)
+
+    def export(*extra):
+        return subprocess.run([pathloop_exe, "export", "samples", "-w", str(ws.root), *extra],
+                              capture_output=True, text=True, timeout=120)
+
+    unchecked = export("--exclude-copies", "--out", str(tmp_path / "shared"))  # the new copy was never evaluated
+    assert unchecked.returncode == 1 and not (tmp_path / "shared").exists()
+    assert unchecked.stderr.strip().splitlines() == [
+        f"pathloop: error: 1 of {4 + len(_child_samples(engine, child))} samples (first: sample "
+        f"{max(_child_samples(engine, child))}) have not been checked for copies of real tiles; run `pathloop "
+        f"evaluate` on generator version {child} first"]
+
+    evaluate(ws, engine, EvaluateConfig(**FAST), model=child, against=[parent], progress=False, log=lambda m: None)
+    flags = copy_flags(ws)
+    flagged = sorted(i for i, is_copy in flags.items() if is_copy)
+    assert max(_child_samples(engine, child)) in flagged
+    shared = export("--exclude-copies", "--out", str(tmp_path / "shared"))
+    assert shared.returncode == 0, shared.stderr
+    assert f"left out {len(flagged)} flagged as copies" in shared.stdout
+    manifest = pd.read_csv(tmp_path / "shared" / "manifest.csv")
+    assert set(manifest["sample_id"]).isdisjoint(flagged) and len(manifest) == len(flags) - len(flagged)
+    assert manifest["copy_checked"].all() and not manifest["copy"].any()
+    assert all((tmp_path / "shared" / f).is_file() for f in manifest["file"])
+    one = manifest.iloc[0]
+    assert one["file"] == f"{one['class_name']}/{one['sample_id']}.png"
+
+    everything = export("--model", str(child), "--out", str(tmp_path / "all-of-child"))  # no check asked: all, flagged
+    assert everything.returncode == 0, everything.stderr
+    child_rows = pd.read_csv(tmp_path / "all-of-child" / "manifest.csv")
+    assert sorted(child_rows["sample_id"]) == sorted(_child_samples(engine, child)) and child_rows["copy"].any()
+
+    again = export("--out", str(tmp_path / "shared"))  # never over an earlier export
+    assert again.returncode == 1 and "already exists; choose a new folder" in again.stderr
+    assert len(pd.read_csv(tmp_path / "shared" / "manifest.csv")) == len(manifest)
+
+
+def _child_samples(engine, child) -> list[int]:
+    with Session(engine) as s:
+        return list(s.exec(select(Sample.id).where(Sample.generator_id == child)).all())
 
 
 def test_reward_predicted_plausibility_uses_stored_scores_and_scores_the_rest(tiny_ws):

@@ -97,6 +97,8 @@ def test_sample_weights_by_source_and_mode():
     assert sample_weights(experts, reward, "binary", threshold=0.5).tolist() == [0.0, 1.0, 1.0, 1.0]
     assert sample_weights(experts, reward, "normalized").tolist() == pytest.approx(
         [0.2 / 0.65, 0.5 / 0.65, 0.9 / 0.65, 1.0 / 0.65])
+    assert sample_weights(experts, reward, "none").tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert sample_weights(torch.full((2,), nan), torch.full((2,), nan), "none").tolist() == [0.0, 0.0]
     zeros = torch.zeros(3)
     assert sample_weights(torch.full((3,), nan), zeros, "normalized").tolist() == [0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="neither"):
@@ -216,7 +218,7 @@ def test_toy_reward_rises_and_the_child_records_its_lineage(ft_ws):
     assert by_id[1]["source"] == by_id[2]["source"] == "experts" and by_id[2]["weight"] == 1.0
     assert by_id[3]["source"] == "reward" and by_id[3]["weight"] == 1.0  # red sample, redness >= 0.5
     assert by_id[4]["source"] == "reward" and by_id[4]["weight"] == 0.0  # blue sample
-    assert c["weight_sources"] == {"experts": 2, "reward": 14}
+    assert c["weight_sources"] == {"experts": 2, "reward": 14, "none": 0}
     assert c["judgment_ids"] == sorted(used)
     assert c["train_tiles"] > 0 and "train_tile_ids" not in c
     for k in ("final_loss", "final_loss_synthetic", "final_loss_real", "final_mean_weight"):
@@ -345,7 +347,7 @@ def test_cli_finetune_on_two_processes_and_its_bad_input(ft_ws):
     assert [v.kind for v in versions] == ["pretrained", "finetuned"]  # registered once, by the main process
     child = versions[-1]
     assert child.config["processes"] == 2 and child.config["reward_id"] == rid and child.parent_id == parent.id
-    assert child.config["weight_sources"] == {"experts": 0, "reward": 16}
+    assert child.config["weight_sources"] == {"experts": 0, "reward": 16, "none": 0}
     UNet2DModel.from_pretrained(ws.root / child.folder, subfolder="unet")
 
     bad = subprocess.run([os.path.join(bindir, "pathloop"), "finetune", "-w", str(ws.root), "--from", "1",

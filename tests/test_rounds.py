@@ -19,7 +19,7 @@ from store_rows import add_annotators, add_samples
 from pathloop import rounds
 from store.errors import PathloopError
 from store.judgments import recount_ratings
-from store.models import GeneratorVersion, Judgment, Round, Sample, utcnow
+from store.models import Evaluation, GeneratorVersion, Judgment, Round, Sample, utcnow
 
 
 def add_generator(engine) -> int:
@@ -190,10 +190,11 @@ def loop_ws(tmp_path):
 
     rng = np.random.default_rng(0)
     for c, base in (("red", [200, 60, 60]), ("blue", [60, 60, 200])):
-        (tmp_path / "crops" / c).mkdir(parents=True)
-        for i in range(12):
-            img = np.clip(np.array(base) + rng.normal(0, 25, (16, 16, 3)), 0, 255).astype(np.uint8)
-            PILImage.fromarray(img).save(tmp_path / "crops" / c / f"{i}.png")
+        for split, n in (("train", 12), ("test", 4)):  # the round's evaluation compares against test tiles
+            (tmp_path / "crops" / split / c).mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(np.array(base) + rng.normal(0, 25, (16, 16, 3)), 0, 255).astype(np.uint8)
+                PILImage.fromarray(img).save(tmp_path / "crops" / split / c / f"{i}.png")
     ws = Workspace.create(tmp_path / "ws", Settings(classes=["red", "blue"], tile_size=16, control_share=0.0))
     engine = make_engine(ws.database_url)
     upgrade(engine)
@@ -242,7 +243,13 @@ def test_a_whole_round_through_the_cli(loop_ws, pathloop_exe):
         child = s.get(GeneratorVersion, r1.generator_out_id)
     assert (child.kind, child.parent_id, child.round_number) == ("finetuned", r1.generator_in_id, 1)
     assert child.config["reward_id"] == r1.reward_id
-    assert set(r1.details["evaluation"]) == {"parent", "child"}
+    ev = r1.details["evaluation"]  # the round ran `pathloop evaluate` on parent and child
+    assert set(ev) == {"parent", "child", "fid", "coverage", "folder", "evaluation_ids"}
+    assert 0 <= ev["parent"] <= 1 and 0 <= ev["child"] <= 1 and (ws.root / ev["folder"] / "metrics.json").is_file()
+    with Session(engine) as s:
+        rows = s.exec(select(Evaluation).where(Evaluation.id.in_(ev["evaluation_ids"]))).all()
+    assert sorted(e.generator_id for e in rows) == sorted([r1.generator_in_id, r1.generator_out_id])
+    assert all(e.metrics["reward"]["reward_id"] == r1.reward_id for e in rows)
     p = run(pathloop_exe, "round", "status", *w)
     lines = p.stdout.splitlines()
     assert lines[1].split()[:5] == ["1", "done", str(r1.generator_in_id), str(r1.reward_id), str(child.id)]
