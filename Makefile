@@ -34,7 +34,7 @@ demo: $(STAMP)
 	@mkdir -p $(DEMO)/slides
 	$(PATHLOOP) demo-slide $(DEMO)/slides/ihc.tiff
 	$(PATHLOOP) ingest --workspace $(DEMO) $(DEMO)/slides/ihc.tiff --regions $(DEMO)/slides/ihc.geojson --stride 16
-	@# A CPU pretraining of the tiny preset (about 6 minutes on 2 cores); skipped once done.
+	@# A CPU pretraining of the tiny preset (about 3 minutes on 2 cores); skipped once done.
 	@$(PATHLOOP) generator list --workspace $(DEMO) | grep -q pretrained || \
 		$(PATHLOOP) pretrain --workspace $(DEMO) --preset tiny --steps $(DEMO_STEPS) --batch-size 32 \
 			--lr 1e-3 --train-lr-warmup-steps 20 --checkpoint-every 50 --run-name demo-pretrain --resume auto

@@ -497,6 +497,10 @@ def _add_dataclass_options(p: argparse.ArgumentParser, cls, aliases: dict[str, l
         flags = [f"--{f.name.replace('_', '-')}", *aliases.get(f.name, [])]
         default = f.default if f.default is not dataclasses.MISSING else None
         kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(str(f.type).split(" |")[0], str)
+        if kind is _bool and default is False:  # an opt-in switch: --flag, no value
+            p.add_argument(*flags, dest=f.name, action="store_const", const=True, default=None,
+                           help=f.metadata.get("help", ""))
+            continue
         p.add_argument(*flags, dest=f.name, type=kind, default=None, metavar=f.metadata.get("metavar", f.name.split("_")[-1].upper()),
                        help=f"{f.metadata.get('help', '')} (default: {default})")
 

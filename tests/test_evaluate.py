@@ -321,10 +321,11 @@ def test_cli_evaluate_prints_the_table(tiny_ws, pathloop_exe):
 
     ws, engine, parent, child = tiny_ws
     out = subprocess.run([pathloop_exe, "evaluate", "-w", str(ws.root), "--model", str(child), "--per-class", "4",
-                          "--steps", "2", "--utility-epochs", "1", "--nearest-k", "2"],
+                          "--steps", "2", "--utility-epochs", "1", "--nearest-k", "2", "--simulated-expert"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "expert plausible [95% CI]" in out.stdout and "wrote " in out.stdout
+    assert "simulated expert, fresh [95% CI]" in out.stdout  # a switch: no value after it
     bad = subprocess.run([pathloop_exe, "evaluate", "-w", str(ws.root), "--model", "77"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
