@@ -85,8 +85,17 @@ class StudyConfig:
         for name in ("rounds", "rate", "per_class", "pretrain_steps", "finetune_steps", "eval_per_class"):
             if getattr(self, name) < 1:
                 raise PathloopError(f"{name} = {getattr(self, name)}; expected at least 1")
-        if self.weighting == "none":
-            raise PathloopError("weighting none is the control arm; the loop arm needs reward, binary or normalized")
+        if self.weighting not in ("reward", "binary", "normalized"):
+            raise PathloopError(f"weighting {self.weighting!r}; the loop arm needs reward, binary or normalized "
+                                "(none is the control arm's)")
+        if self.sampler not in ("ddpm", "ddim"):
+            raise PathloopError(f"sampler {self.sampler!r}; expected ddpm or ddim")
+        if not 0 <= self.noise <= 0.5:
+            raise PathloopError(f"noise = {self.noise}; expected a share of flipped verdicts in [0, 0.5]")
+        from finetune.unet import check_size
+
+        check_size(self.preset, self.tile_size)  # before anything is written
+        round_options(self)  # the round's own checks, too
 
 
 # Every stage in seconds, for an end-to-end test of the study's plumbing (not of its outcome). A

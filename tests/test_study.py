@@ -70,3 +70,7 @@ def test_the_study_refuses_a_folder_that_is_not_empty(tmp_path):
         f"loop_study: error: {tmp_path / 'old'} is not empty; the study starts from a new workspace "
         "(choose another --out)"]
     assert [f.name for f in (tmp_path / "old").iterdir()] == ["keep.txt"]
+    bad = run("--fast", "--preset", "huge", "--out", tmp_path / "new")
+    assert bad.returncode == 1 and not (tmp_path / "new").exists()
+    assert bad.stderr.strip().splitlines() == [
+        "loop_study: error: unknown generator preset 'huge'; expected one of: tiny, small, base"]
