@@ -68,7 +68,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check store annotate_app reward finetune pathloop tests benchmarks
 
-# The loop study (benchmarks/loop_study.py): loop vs control from a fresh generator, about 25
+# The loop study (benchmarks/loop_study.py): loop vs control from a fresh generator, about 21
 # minutes on 2 CPU cores; results and plots in $(STUDY)/. STUDY_ARGS="--rounds 5" etc. to change it.
 study: $(STAMP)
 	$(PY) benchmarks/loop_study.py --out $(STUDY) $(STUDY_ARGS)

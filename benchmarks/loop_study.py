@@ -88,14 +88,13 @@ class StudyConfig:
         if self.weighting not in ("reward", "binary", "normalized"):
             raise PathloopError(f"weighting {self.weighting!r}; the loop arm needs reward, binary or normalized "
                                 "(none is the control arm's)")
-        if self.sampler not in ("ddpm", "ddim"):
-            raise PathloopError(f"sampler {self.sampler!r}; expected ddpm or ddim")
         if not 0 <= self.noise <= 0.5:
             raise PathloopError(f"noise = {self.noise}; expected a share of flipped verdicts in [0, 0.5]")
         from finetune.unet import check_size
 
         check_size(self.preset, self.tile_size)  # before anything is written
-        round_options(self)  # the round's own checks, too
+        round_options(self)  # the round's and the evaluation's own checks, too
+        evaluate_config(self)
 
 
 # Every stage in seconds, for an end-to-end test of the study's plumbing (not of its outcome). A
@@ -124,6 +123,14 @@ def make_workspace(out: Path, cfg: StudyConfig, log: Callable[[str], None]):
     report = ingest_slides(ws, engine, [tiff], regions=geojson, stride=cfg.tile_size // 2, workers=1)
     log(f"workspace {ws.root}: {sum(r.tiles_added for r in report)} real tiles from the demo slide")
     return ws, engine
+
+
+def evaluate_config(cfg: StudyConfig):
+    """The final evaluation: every version, the simulated expert judging the fresh samples."""
+    from pathloop.evaluate_config import EvaluateConfig
+
+    return EvaluateConfig(per_class=cfg.eval_per_class, sampler=cfg.sampler, steps=cfg.sample_steps, seed=cfg.seed,
+                          utility_epochs=cfg.utility_epochs, simulated_expert=True)
 
 
 def round_options(cfg: StudyConfig):
@@ -332,8 +339,6 @@ def run_study(cfg: StudyConfig, out: Path, log: Callable[[str], None] = print) -
     from finetune.config import PretrainConfig
     from finetune.pretrain import pretrain
     from pathloop.evaluate import evaluate
-    from pathloop.evaluate_config import EvaluateConfig
-
     if out.exists() and any(out.iterdir()):
         raise PathloopError(f"{out} is not empty; the study starts from a new workspace (choose another --out)")
     started = time.perf_counter()
@@ -355,10 +360,8 @@ def run_study(cfg: StudyConfig, out: Path, log: Callable[[str], None] = print) -
     control = run_control(ws, engine, cfg, g0, timings, log)
 
     t = time.perf_counter()
-    ecfg = EvaluateConfig(per_class=cfg.eval_per_class, sampler=cfg.sampler, steps=cfg.sample_steps,
-                          seed=cfg.seed, utility_epochs=cfg.utility_epochs, simulated_expert=True)
     ids = [g0, *(r["generator_id"] for r in loop), *(r["generator_id"] for r in control)]
-    ev = evaluate(ws, engine, ecfg, model=loop[-1]["generator_id"], against=ids, progress=False, log=log)
+    ev = evaluate(ws, engine, evaluate_config(cfg), model=loop[-1]["generator_id"], against=ids, progress=False, log=log)
     timings["final evaluation"] = time.perf_counter() - t
     engine.dispose()
 

@@ -64,6 +64,7 @@ def _raise_first_failed(cfg, checks: list[tuple[bool, str]]) -> None:
 
 
 WEIGHTINGS = ("reward", "binary", "normalized", "none")
+LR_SCHEDULES = ("constant", "cosine")  # fine-tuning, after the warm-up
 
 
 @dataclass
@@ -114,7 +115,7 @@ class FinetuneConfig:
             (self.train_gradient_accumulation_steps >= 1, "train_gradient_accumulation_steps must be >= 1"),
             (self.train_learning_rate > 0, "train_learning_rate must be > 0"),
             (self.train_lr_warmup_steps >= 0, "train_lr_warmup_steps must be >= 0"),
-            (self.train_lr_schedule in ("constant", "cosine"), "train_lr_schedule must be constant or cosine"),
+            (self.train_lr_schedule in LR_SCHEDULES, "train_lr_schedule must be constant or cosine"),
             (self.train_max_grad_norm > 0, "train_max_grad_norm must be > 0"),
             (0 <= self.train_class_dropout < 1, "train_class_dropout must be in [0, 1)"),
             (self.beta >= 0, "beta must be >= 0"),

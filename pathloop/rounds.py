@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, func, select
 
-from finetune.config import WEIGHTINGS
+from finetune.config import LR_SCHEDULES, WEIGHTINGS
 from store.errors import PathloopError
 from store.judgments import DECISIVE, is_current
 from store.models import GeneratorVersion, Judgment, Round, Sample, utcnow
@@ -70,7 +70,7 @@ class RoundOptions:
                 raise PathloopError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.beta < 0:
             raise PathloopError(f"beta must be >= 0 (got {self.beta})")
-        if self.finetune_lr_schedule not in ("constant", "cosine"):
+        if self.finetune_lr_schedule not in LR_SCHEDULES:
             raise PathloopError(f"finetune_lr_schedule must be constant or cosine (got {self.finetune_lr_schedule!r})")
         if self.weighting not in WEIGHTINGS:
             raise PathloopError(f"weighting must be one of {', '.join(WEIGHTINGS)} (got {self.weighting!r})")
