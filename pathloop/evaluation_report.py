@@ -96,18 +96,21 @@ def plot(versions: list[dict], baseline: dict, classes: list[str], folder: Path)
     xs = list(range(len(versions)))
     fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(versions) + 2), 3.6))
     series = [("all", lambda v: v["expert"])] + [(c, lambda v, c=c: v["expert"]["per_class"][c]) for c in classes]
+    if any(v.get("simulated_expert") for v in versions):  # fresh samples, when the evaluation asked for it
+        series.append(("simulated expert, fresh", lambda v: v.get("simulated_expert") or {"rate": None}))
     for j, (name, get) in enumerate(series):
         off = (j - (len(series) - 1) / 2) * 0.08
         pts = [(x + off, get(v)) for x, v in zip(xs, versions) if get(v)["rate"] is not None]
         if pts:
             ax.errorbar([p for p, _ in pts], [r["rate"] for _, r in pts],
                         yerr=[[r["rate"] - r["low"] for _, r in pts], [r["high"] - r["rate"] for _, r in pts]],
-                        fmt="o-" if name == "all" else "o--", capsize=3, label=name, lw=2 if name == "all" else 1)
+                        fmt="o-" if name == "all" else "s:" if name.startswith("simulated") else "o--", capsize=3,
+                        label=name, lw=2 if name == "all" else 1)
     ax.set_xticks(xs, names)
     ax.set_xlim(-0.5, len(xs) - 0.5)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("expert plausibility (Wilson 95%)")
-    ax.set_title("Expert plausibility by generator version")
+    ax.set_ylabel("plausibility (Wilson 95%)")
+    ax.set_title("Plausibility by generator version")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     else:
