@@ -125,6 +125,18 @@ def test_rate_three_tiles_with_keyboard_only(chromium, served):
                 expect(page.get_by_role("button", name=re.compile(r"^Plausible"))).to_be_visible(timeout=WAIT_MS)
                 page.get_by_text(re.compile(r"^generated as: ")).click()
                 for key in keys:
+                    if key == "Control+Enter":
+                        # The form's shortcut listener is registered once its submit button has
+                        # mounted, which can lag the script's end by a moment on two busy cores:
+                        # a press in that gap is lost (seen once in CI). Press again until the
+                        # rating lands; the tile's request id stores a repeated submit once.
+                        expect(page.get_by_role("button", name=re.compile(r"^Submit implausible"))).to_be_enabled()
+                        page.get_by_text("Why implausible?").click()
+                        deadline = time.monotonic() + WAIT_MS / 1000
+                        while len(judgments(engine)) < n and time.monotonic() < deadline:
+                            page.keyboard.press(key)
+                            page.wait_for_timeout(3000)
+                        continue
                     page.keyboard.press(key)
                     if key == "i":
                         expect(page.get_by_text("Why implausible?")).to_be_visible(timeout=WAIT_MS)
