@@ -44,7 +44,7 @@ demo: $(STAMP)
 	@# DDPM (ancestral) sampling: from this briefly trained model, DDIM leaves pixel noise.
 	@if $(PATHLOOP) round status --workspace $(DEMO) | grep -q "no rounds yet"; then set -e; \
 		$(PATHLOOP) round --workspace $(DEMO) --per-class 16 --sampler ddpm --sample-steps 100 \
-			--reward-epochs 20 --finetune-steps 300 --finetune-lr 1e-4 --finetune-lr-schedule cosine \
+			--reward-epochs 20 --finetune-steps 150 --finetune-lr 1e-5 --finetune-lr-schedule cosine --objective preference --preference-beta 5000 \
 			--eval-per-class 16; \
 		$(PATHLOOP) simulate-expert --workspace $(DEMO) --raters 2 --noise 0.05; \
 		$(PATHLOOP) round --workspace $(DEMO) --step awaiting_ratings; \

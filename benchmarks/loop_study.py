@@ -70,12 +70,15 @@ class StudyConfig:
     sample_steps: int = field(default=100, metadata={"help": "sampler steps"})
     reward_backbone: str = field(default="resnet18", metadata={"help": "timm backbone of the reward model"})
     reward_epochs: int = field(default=40, metadata={"help": "maximum reward training epochs"})
-    finetune_steps: int = field(default=300, metadata={"help": "optimizer steps per round, in both arms"})
-    finetune_lr: float = field(default=1e-4, metadata={"help": "fine-tuning learning rate, both arms"})
+    finetune_steps: int = field(default=150, metadata={"help": "optimizer steps per round, in both arms"})
+    finetune_lr: float = field(default=1e-5, metadata={"help": "fine-tuning learning rate, both arms"})
     finetune_lr_schedule: str = field(default="cosine", metadata={"help": "constant or cosine (to 0), both arms"})
     finetune_batch_size: int = field(default=16, metadata={"help": "synthetic (and as many real) tiles per step"})
     beta: float = field(default=0.3, metadata={"help": "weight of the real-tile term"})
     weighting: str = field(default="binary", metadata={"help": "loop arm's sample weights: reward, binary, normalized"})
+    objective: str = field(default="preference", metadata={
+        "help": "loop arm's objective: weighted (reward-weighted likelihood) or preference (Diffusion-DPO on pairs)"})
+    preference_beta: float = field(default=5000.0, metadata={"help": "preference objective's inverse temperature"})
     round_eval_per_class: int = field(default=8, metadata={"help": "fresh samples per class of each round's own check"})
     eval_per_class: int = field(default=64, metadata={"help": "fresh samples per class and version in the final evaluation"})
     utility_epochs: int = field(default=30, metadata={"help": "epochs of the downstream-utility classifiers"})
@@ -142,6 +145,7 @@ def round_options(cfg: StudyConfig):
                         finetune_lr=cfg.finetune_lr, finetune_lr_schedule=cfg.finetune_lr_schedule,
                         finetune_batch_size=cfg.finetune_batch_size,
                         finetune_checkpoint_every=cfg.finetune_steps, beta=cfg.beta, weighting=cfg.weighting,
+                        objective=cfg.objective, preference_beta=cfg.preference_beta,
                         eval_per_class=max(2, cfg.round_eval_per_class), seed=cfg.seed)
 
 

@@ -65,6 +65,7 @@ def _raise_first_failed(cfg, checks: list[tuple[bool, str]]) -> None:
 
 WEIGHTINGS = ("reward", "binary", "normalized", "none")
 LR_SCHEDULES = ("constant", "cosine")  # fine-tuning, after the warm-up
+OBJECTIVES = ("weighted", "preference")
 
 
 @dataclass
@@ -95,6 +96,13 @@ class FinetuneConfig:
                 "normalized (divided by the batch mean), none (all 0: the real-tile term alone, i.e. plain continued "
                 "pretraining at the same cost, the control of the loop study)"})
     weighting_threshold: float = field(default=0.5, metadata={"help": "threshold of the binary weighting"})
+    objective: str = field(default="weighted", metadata={
+        "help": "weighted: the reward-weighted likelihood (synthetic tiles weighted by plausibility); preference: "
+                "Diffusion-DPO on pairs of a plausible and an implausible sample of the same class against the frozen "
+                "parent (plausible: at or above weighting_threshold), learning from the implausible tiles too; both "
+                "add beta x the real-tile term"})
+    preference_beta: float = field(default=2000.0, metadata={
+        "help": "preference objective's inverse temperature: the larger, the closer the child stays to the parent"})
     weighting_min_ratings: int = field(default=2, metadata={
         "help": "a sample with at least this many current plausible/implausible judgments is weighted by the "
                 "experts' share of plausible, otherwise by the reward model"})
@@ -122,6 +130,10 @@ class FinetuneConfig:
             (self.weighting in WEIGHTINGS, f"weighting must be one of {', '.join(WEIGHTINGS)}"),
             (0 <= self.weighting_threshold <= 1, "weighting_threshold must be in [0, 1]"),
             (self.weighting_min_ratings >= 1, "weighting_min_ratings must be >= 1"),
+            (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}"),
+            (self.preference_beta > 0, "preference_beta must be > 0"),
+            (self.objective != "preference" or self.weighting != "none",
+             "objective preference needs feedback: weighting none is the weighted objective's control"),
             (self.samples == "all" or self.samples.isdigit(), "samples must be all or a round number"),
             (0 < self.ema_decay < 1, "ema_decay must be in (0, 1)"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),

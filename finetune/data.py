@@ -86,6 +86,29 @@ class StepBatches:
         return out[process::num_processes]
 
 
+class PairBatches:
+    """The preference pairs of every (step, micro): ``(plausible indices, implausible indices)``.
+
+    ``groups`` holds, per class that has both kinds, the indices of its plausible and of its
+    implausible tiles. A pair takes a class (uniformly over those classes), then one tile of
+    each kind of it; every choice is a pure function of (seed, position), and each process
+    takes its own interleaved share of the global batch of pairs.
+    """
+
+    def __init__(self, groups: Sequence[tuple[Sequence[int], Sequence[int]]], global_pairs: int, seed: int):
+        self.groups = [(np.asarray(w, dtype=np.int64), np.asarray(lo, dtype=np.int64)) for w, lo in groups]
+        if not self.groups or any(len(w) == 0 or len(lo) == 0 for w, lo in self.groups):
+            raise ValueError("every pair group needs at least one plausible and one implausible tile")
+        self.global_pairs, self.seed = global_pairs, seed
+
+    def indices(self, position: int, process: int = 0, num_processes: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(_mix(self.seed, "pairs", position))
+        group = rng.integers(0, len(self.groups), self.global_pairs)
+        win = np.array([self.groups[k][0][rng.integers(0, len(self.groups[k][0]))] for k in group], dtype=np.int64)
+        lose = np.array([self.groups[k][1][rng.integers(0, len(self.groups[k][1]))] for k in group], dtype=np.int64)
+        return win[process::num_processes], lose[process::num_processes]
+
+
 def dihedral(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Each image of ``(B, C, H, W)`` under one of the 8 flips/90° rotations (histology has no up)."""
     ks = torch.randint(0, 8, (x.shape[0],), generator=g)

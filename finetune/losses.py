@@ -8,6 +8,16 @@ ONE forward pass over the concatenated batch (synthetic first):
 the reward-weighted likelihood of Lee et al. (2023) with the real tiles as regulariser, as
 in Sun et al. (2023). ‖·‖² is the mean over pixels and channels, so with all weights 1 and
 β = 1 the loss is twice pretraining's ``F.mse_loss``.
+
+The preference objective (Diffusion-DPO, Wallace et al. 2023) learns from the implausible
+tiles too: for P pairs of a plausible tile x̃ʷ and an implausible tile x̃ˡ of the same class,
+noised with the same ε and t, and the frozen parent ε_ref,
+
+    Δ = (‖ε − ε_θ(x̃ʷ)‖² − ‖ε − ε_θ(x̃ˡ)‖²) − (‖ε − ε_ref(x̃ʷ)‖² − ‖ε − ε_ref(x̃ˡ)‖²)
+    L = (1/P) Σ −log σ(−(κ/2) Δ)  +  β (1/B) Σⱼ ‖ε − ε_θ(xⱼ)‖²
+
+κ (``preference_beta``) sets how far the child may move from the parent: the larger, the
+sooner a pair stops pulling.
 """
 
 from __future__ import annotations
@@ -50,6 +60,35 @@ def reward_weighted_loss(pred: torch.Tensor, noise: torch.Tensor, weights: torch
     synthetic = (weights.to(err.device, err.dtype) * err[:n]).mean()
     real = err[n:].mean()
     return WeightedLoss(synthetic + beta * real, synthetic, real)
+
+
+def preference_loss(pred: torch.Tensor, noise: torch.Tensor, ref_pred: torch.Tensor, pairs: int, kappa: float,
+                    beta: float) -> WeightedLoss:
+    """The preference objective over one concatenated batch: ``synthetic`` is the pair term.
+
+    ``pred``, ``noise``: ``(2P + B_r, C, H, W)``: the P plausible tiles, then their P
+    implausible partners (the same ε and t as their pair), then the ``B_r`` real tiles;
+    ``ref_pred``: ``(2P, C, H, W)`` the frozen parent's prediction for the pairs.
+    """
+    if pairs < 1 or pred.shape[0] <= 2 * pairs:
+        raise ValueError(f"batch {pred.shape[0]} must hold {pairs} pairs (2 tiles each) and at least one real tile")
+    if ref_pred.shape != pred[:2 * pairs].shape:
+        raise ValueError(f"reference prediction {tuple(ref_pred.shape)} must be {tuple(pred[:2 * pairs].shape)}")
+    if kappa <= 0 or beta < 0:
+        raise ValueError(f"preference_beta must be > 0 and beta >= 0, not {kappa} and {beta}")
+    err = per_sample_error(pred, noise)
+    ref = per_sample_error(ref_pred, noise[:2 * pairs]).detach()
+    delta = (err[:pairs] - err[pairs:2 * pairs]) - (ref[:pairs] - ref[pairs:])
+    synthetic = -torch.nn.functional.logsigmoid(-0.5 * kappa * delta).mean()
+    real = err[2 * pairs:].mean()
+    return WeightedLoss(synthetic + beta * real, synthetic, real)
+
+
+def pair_accuracy(pred: torch.Tensor, noise: torch.Tensor, ref_pred: torch.Tensor, pairs: int) -> torch.Tensor:
+    """Share of pairs whose plausible tile the model favours more than the parent does (a scalar)."""
+    err = per_sample_error(pred[:2 * pairs], noise[:2 * pairs])
+    ref = per_sample_error(ref_pred, noise[:2 * pairs])
+    return (((err[:pairs] - err[pairs:]) - (ref[:pairs] - ref[pairs:])) < 0).float().mean()
 
 
 def sample_weights(expert_targets: torch.Tensor, reward_probs: torch.Tensor, mode: str = "reward",

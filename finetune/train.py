@@ -3,7 +3,9 @@
 The synthetic set is the chosen samples, each weighted by the experts' share of plausible
 judgments when it has enough ratings, else by the reward model's calibrated probability;
 the real set is the workspace's train tiles. Every optimizer step denoises B synthetic and
-B real tiles in one forward pass (``finetune.losses``). The loop is pretraining's
+B real tiles in one forward pass (``finetune.losses``). With ``objective = "preference"`` the
+B synthetic tiles are B/2 pairs of a plausible and an implausible sample of one class, and
+a frozen copy of the parent denoises the pairs too (Diffusion-DPO). The loop is pretraining's
 (``accumulate`` → ``backward`` → clip on sync → ``step``; EMA; ``save_state`` checkpoints;
 batches and noise a pure function of (seed, step)), and the result is exported as a
 diffusers ``DDPMPipeline`` folder registered as a child ``GeneratorVersion``.
@@ -14,6 +16,7 @@ The reward arrives as a plain function ``reward_fn(images uint8 (B, 3, H, W), cl
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -34,8 +37,8 @@ from sqlalchemy.engine import Engine
 from tqdm.auto import tqdm
 
 from finetune.config import FinetuneConfig
-from finetune.data import StepBatches, TileSet, step_generator
-from finetune.losses import WeightedLoss, reward_weighted_loss, sample_weights
+from finetune.data import PairBatches, StepBatches, TileSet, dihedral, step_generator, to_model_range
+from finetune.losses import WeightedLoss, pair_accuracy, preference_loss, reward_weighted_loss, sample_weights
 from finetune.pretrain import denoising_batch, export_pipeline
 from finetune.registry import load_generator, version_info
 from finetune.runs import (
@@ -197,16 +200,80 @@ def weighted_update(accelerator: Accelerator, unet, optimizer, lr_scheduler, inp
     """
     noisy, t, cls, noise = inputs
     dev = accelerator.device
+    _, terms = _update(accelerator, unet, optimizer, lr_scheduler, (noisy.to(dev), t.to(dev), cls.to(dev)),
+                       lambda pred: reward_weighted_loss(pred, noise.to(dev), weights.to(dev), beta), max_grad_norm)
+    return terms
+
+
+def _update(accelerator: Accelerator, unet, optimizer, lr_scheduler, model_inputs, loss_of, max_grad_norm: float
+            ) -> tuple[torch.Tensor, WeightedLoss]:
+    """accumulate → forward → ``loss_of(pred)`` → backward → clip on sync → step; returns (pred, terms)."""
+    noisy, t, cls = model_inputs
     with accelerator.accumulate(unet):
-        pred = unet(noisy.to(dev), t.to(dev), class_labels=cls.to(dev)).sample
-        terms = reward_weighted_loss(pred, noise.to(dev), weights.to(dev), beta)
+        pred = unet(noisy, t, class_labels=cls).sample
+        terms = loss_of(pred)
         accelerator.backward(terms.total)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad()
-    return terms
+    return pred, terms
+
+
+def preference_groups(samples: list[WeightedSample], classes: list[str], threshold: float
+                      ) -> dict[str, tuple[list[int], list[int]]]:
+    """Per class with both kinds: (indices of plausible samples, of implausible ones) in ``samples``.
+
+    Plausible: the experts' share (or the reward probability) at or above ``threshold``.
+    """
+    out = {}
+    for c in classes:
+        win = [i for i, s in enumerate(samples) if s.class_name == c and s.plausibility >= threshold]
+        lose = [i for i, s in enumerate(samples) if s.class_name == c and s.plausibility < threshold]
+        if win and lose:
+            out[c] = (win, lose)
+    if not out:
+        counts = {c: (sum(s.class_name == c and s.plausibility >= threshold for s in samples),
+                      sum(s.class_name == c and s.plausibility < threshold for s in samples)) for c in classes}
+        raise PathloopError("the preference objective needs a plausible and an implausible sample of one class; "
+                            "(plausible, implausible) per class: "
+                            + ", ".join(f"{c} {w}/{lo}" for c, (w, lo) in counts.items()))
+    return out
+
+
+def preference_batch(win: torch.Tensor, lose: torch.Tensor, win_classes: torch.Tensor, real: torch.Tensor,
+                     real_classes: torch.Tensor, *, scheduler: DDPMScheduler, g: torch.Generator, null_id: int,
+                     class_dropout: float, augment: bool):
+    """``denoising_batch`` for P pairs and B real tiles: each pair shares its noise, timestep and class.
+
+    Returns ``(noisy (2P+B,3,H,W), timesteps, classes, noise)``: plausible tiles, their partners, real tiles.
+    """
+    pairs, n_real = win.shape[0], real.shape[0]
+    x = to_model_range(torch.cat([win, lose, real]))
+    if augment:
+        x = dihedral(x, g)
+    shape = x.shape[1:]
+    pair_noise, real_noise = torch.randn((pairs, *shape), generator=g), torch.randn((n_real, *shape), generator=g)
+    steps = scheduler.config.num_train_timesteps
+    pair_t, real_t = torch.randint(0, steps, (pairs,), generator=g), torch.randint(0, steps, (n_real,), generator=g)
+    drop = torch.rand(pairs + n_real, generator=g) < class_dropout
+    pair_cls = torch.where(drop[:pairs], torch.full_like(win_classes, null_id), win_classes)
+    real_cls = torch.where(drop[pairs:], torch.full_like(real_classes, null_id), real_classes)
+    noise = torch.cat([pair_noise, pair_noise, real_noise])
+    t = torch.cat([pair_t, pair_t, real_t])
+    return scheduler.add_noise(x, noise, t), t, torch.cat([pair_cls, pair_cls, real_cls]), noise
+
+
+def preference_update(accelerator: Accelerator, unet, reference, optimizer, lr_scheduler, inputs, pairs: int,
+                      kappa: float, beta: float, max_grad_norm: float) -> tuple[WeightedLoss, torch.Tensor]:
+    """One micro-batch of the preference objective; the frozen ``reference`` denoises the pairs without grad."""
+    noisy, t, cls, noise = (v.to(accelerator.device) for v in inputs)
+    with torch.no_grad():
+        ref_pred = reference(noisy[:2 * pairs], t[:2 * pairs], class_labels=cls[:2 * pairs]).sample
+    pred, terms = _update(accelerator, unet, optimizer, lr_scheduler, (noisy, t, cls),
+                          lambda pred: preference_loss(pred, noise, ref_pred, pairs, kappa, beta), max_grad_norm)
+    return terms, pair_accuracy(pred.detach(), noise, ref_pred, pairs)
 
 
 def _check_parent(ws: Workspace, parent, classes: list[str]) -> None:
@@ -262,6 +329,10 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
     synthetic = TileSet([s.path for s in samples], [classes.index(s.class_name) for s in samples], tile_size)
     real = TileSet([t.path for t in tiles], [classes.index(t.class_name) for t in tiles], tile_size)
     expert, reward = weight_sources(samples)
+    preference = cfg.objective == "preference"
+    groups = preference_groups(samples, classes, cfg.weighting_threshold) if preference else {}
+    # the frozen parent the preference objective measures against; never trained or prepared
+    reference = copy.deepcopy(parent.unet).eval().requires_grad_(False) if preference else None
     unet = parent.unet.train()
     noise_scheduler = DDPMScheduler.from_config(parent.scheduler_config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train_learning_rate,
@@ -274,10 +345,14 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
+    if reference is not None:
+        reference.to(accelerator.device)
 
     procs, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.train_batch_size * procs
     synthetic_batches = StepBatches(len(synthetic), global_batch, cfg.seed)
+    pairs = max(1, cfg.train_batch_size // 2)  # as many synthetic tiles per step as the weighted objective
+    pair_batches = PairBatches(list(groups.values()), pairs * procs, cfg.seed) if preference else None
     real_batches = StepBatches(len(real), global_batch, cfg.seed + 1)  # its own stream of permutations
     first_step = 0
     if ckpt is not None:
@@ -291,26 +366,38 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
 
     bar = tqdm(total=cfg.train_steps, initial=first_step, desc="finetune", unit="step",
                disable=not (progress and accelerator.is_local_main_process))
-    last = {"loss": float("nan"), "loss_synthetic": float("nan"), "loss_real": float("nan"), "mean_weight": float("nan")}
+    fourth = "pair_accuracy" if preference else "mean_weight"
+    last = {"loss": float("nan"), "loss_synthetic": float("nan"), "loss_real": float("nan"), fourth: float("nan")}
     started = time.time()
     end = cfg.train_steps if stop_after is None else min(cfg.train_steps, stop_after)
     for step in range(first_step, end):
         for micro in range(cfg.train_gradient_accumulation_steps):
             position = step * cfg.train_gradient_accumulation_steps + micro
-            si = torch.from_numpy(synthetic_batches.indices(position, rank, procs))
             ri = torch.from_numpy(real_batches.indices(position, rank, procs))
+            g = step_generator(cfg.seed, step, micro, rank)
+            if preference:
+                wi, li = (torch.from_numpy(i) for i in pair_batches.indices(position, rank, procs))
+                inputs = preference_batch(
+                    synthetic.images[wi], synthetic.images[li], synthetic.class_ids[wi], real.images[ri],
+                    real.class_ids[ri], scheduler=noise_scheduler, g=g, null_id=parent.null_id,
+                    class_dropout=cfg.train_class_dropout, augment=cfg.train_augment)
+                terms, extra = preference_update(accelerator, unet, reference, optimizer, lr_scheduler, inputs,
+                                                 len(wi), cfg.preference_beta, cfg.beta, cfg.train_max_grad_norm)
+                continue
+            si = torch.from_numpy(synthetic_batches.indices(position, rank, procs))
             inputs = denoising_batch(
                 torch.cat([synthetic.images[si], real.images[ri]]),
                 torch.cat([synthetic.class_ids[si], real.class_ids[ri]]),
-                scheduler=noise_scheduler, g=step_generator(cfg.seed, step, micro, rank), null_id=parent.null_id,
+                scheduler=noise_scheduler, g=g, null_id=parent.null_id,
                 class_dropout=cfg.train_class_dropout, augment=cfg.train_augment)
             weights = sample_weights(expert[si], reward[si], cfg.weighting, cfg.weighting_threshold)
             terms = weighted_update(accelerator, unet, optimizer, lr_scheduler, inputs, weights, cfg.beta,
                                     cfg.train_max_grad_norm)
+            extra = weights.mean()
         if not accelerator.sync_gradients:  # accumulate() syncs on the last micro-batch
             raise RuntimeError("gradient accumulation fell out of step with the loop")
         ema.step(unet.parameters())
-        figures = torch.stack([terms.total, terms.synthetic, terms.real, weights.mean().to(terms.total)]).detach()
+        figures = torch.stack([terms.total, terms.synthetic, terms.real, extra.to(terms.total)]).detach()
         figures = accelerator.gather(figures).reshape(procs, 4).mean(0).tolist()
         last = dict(zip(last, figures))
         if not math.isfinite(last["loss"]):
@@ -318,7 +405,7 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", syn=f"{last['loss_synthetic']:.4f}",
-                        real=f"{last['loss_real']:.4f}", w=f"{last['mean_weight']:.2f}")
+                        real=f"{last['loss_real']:.4f}", **{fourth[:3]: f"{last[fourth]:.2f}"})
         accelerator.log({**last, "lr": lr_scheduler.get_last_lr()[0], "ema_decay": ema.cur_decay_value}, step=done)
         if done % cfg.checkpoint_every == 0 or done == cfg.train_steps:
             save_checkpoint(accelerator, run_dir, done, cfg.checkpoints_keep)
@@ -337,6 +424,9 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
         try:
             info = _record(cfg, samples, tiles, expert, reward, parent_id=parent_id, reward_id=reward_id,
                            round_number=round_number, classes=classes, tile_size=tile_size, null_id=parent.null_id)
+            if preference:
+                info["preference_pairs"] = {c: {"plausible": len(w), "implausible": len(lo)}
+                                            for c, (w, lo) in groups.items()}
             info.update({f"final_{k}": v for k, v in last.items()})
             info.update(seconds=round(time.time() - started, 1), processes=procs, weights="ema",
                         run=str(run_dir.relative_to(ws.root)))
@@ -362,6 +452,7 @@ def _record(cfg: FinetuneConfig, samples: list[WeightedSample], tiles: list, exp
     weights = sample_weights(expert, reward, cfg.weighting, cfg.weighting_threshold).tolist()
     return {
         "kind": "finetuned", **provenance, "config": asdict(cfg),
+        "objective": cfg.objective, "preference_beta": cfg.preference_beta,
         "beta": cfg.beta, "weighting": cfg.weighting, "weighting_threshold": cfg.weighting_threshold,
         "weighting_min_ratings": cfg.weighting_min_ratings, "sample_selection": cfg.samples,
         "samples": [{"id": s.sample_id, "class": s.class_name, "source": s.source, "plausibility": s.plausibility,

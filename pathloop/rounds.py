@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, func, select
 
-from finetune.config import LR_SCHEDULES, WEIGHTINGS
+from finetune.config import LR_SCHEDULES, OBJECTIVES, WEIGHTINGS
 from store.errors import PathloopError
 from store.judgments import DECISIVE, is_current
 from store.models import GeneratorVersion, Judgment, Round, Sample, utcnow
@@ -60,6 +60,11 @@ class RoundOptions:
     finetune_checkpoint_every: int = field(default=100, metadata={"help": "fine-tuning checkpoint interval (steps)"})
     beta: float = field(default=0.3, metadata={"help": "weight of the real-tile denoising term"})
     weighting: str = field(default="reward", metadata={"help": "reward, binary, normalized or none (no feedback)"})
+    objective: str = field(default="weighted", metadata={"help": (
+        "fine-tuning objective: weighted (reward-weighted likelihood) or preference (Diffusion-DPO on pairs of a "
+        "plausible and an implausible sample of one class)")})
+    preference_beta: float = field(default=2000.0, metadata={
+        "help": "preference objective's inverse temperature: the larger, the closer the child stays to its parent"})
     eval_per_class: int = field(default=16, metadata={"metavar": "N", "help": "fresh samples per class to compare parent and child"})
     seed: int = field(default=0, metadata={"help": "base seed of the round's sampling and training"})
 
@@ -74,6 +79,12 @@ class RoundOptions:
             raise PathloopError(f"finetune_lr_schedule must be constant or cosine (got {self.finetune_lr_schedule!r})")
         if self.weighting not in WEIGHTINGS:
             raise PathloopError(f"weighting must be one of {', '.join(WEIGHTINGS)} (got {self.weighting!r})")
+        if self.objective not in OBJECTIVES:
+            raise PathloopError(f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
+        if self.preference_beta <= 0:
+            raise PathloopError(f"preference_beta must be > 0 (got {self.preference_beta})")
+        if self.objective == "preference" and self.weighting == "none":
+            raise PathloopError("objective preference needs feedback; weighting none is the weighted objective's control")
 
 
 @dataclass
@@ -361,6 +372,7 @@ def step_finetune(ws: Workspace, engine: Engine, r: Round, o: RoundOptions) -> d
     cfg = FinetuneConfig(train_steps=o.finetune_steps, train_learning_rate=o.finetune_lr,
                          train_lr_schedule=o.finetune_lr_schedule,
                          train_batch_size=o.finetune_batch_size, beta=o.beta, weighting=o.weighting,
+                         objective=o.objective, preference_beta=o.preference_beta,
                          weighting_min_ratings=o.min_ratings,
                          checkpoint_every=o.finetune_checkpoint_every, samples=str(r.number), seed=o.seed,
                          run_name=f"round-{r.number}-finetune")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from sqlmodel import Session, select
 
 from finetune.config import FinetuneConfig, PretrainConfig
-from finetune.losses import reward_weighted_loss, sample_weights
+from finetune.losses import pair_accuracy, preference_loss, reward_weighted_loss, sample_weights
 from finetune.pretrain import export_pipeline, make_noise_scheduler, pretrain
 from finetune.registry import load_generator
 from finetune.sample import sample_images
@@ -87,6 +87,33 @@ def test_beta_zero_leaves_only_the_weighted_term():
     assert out.total.item() == pytest.approx(1.25)
     out.total.backward()
     assert touched(pred.grad) == [True, True, False, False]
+
+
+def test_preference_loss_against_a_hand_worked_value():
+    pred, noise = _batch()  # tile 0 the plausible one, tile 1 its implausible partner, tiles 2-3 real
+    # the parent's errors: 2 on both tiles of the pair (pred - noise = [2, 0] each)
+    ref = noise[:2] + torch.tensor([[2.0, 0.0], [2.0, 0.0]]).reshape(2, 1, 2, 1)
+    # Δ = (1 - 2) - (2 - 2) = -1; with κ = 2 the pair term is -log σ(1) = log(1 + e^-1)
+    out = preference_loss(pred, noise, ref, pairs=1, kappa=2.0, beta=0.3)
+    assert out.synthetic.item() == pytest.approx(math.log1p(math.exp(-1)))
+    assert out.real.item() == pytest.approx(3.5)
+    assert out.total.item() == pytest.approx(math.log1p(math.exp(-1)) + 0.3 * 3.5)
+    assert pair_accuracy(pred, noise, ref, pairs=1).item() == 1.0
+    out.total.backward()
+    assert touched(pred.grad) == [True, True, True, True]
+    # the gradient lowers the plausible tile's error and raises its partner's
+    assert (pred.grad[0] * (pred - noise)[0]).sum() > 0 > (pred.grad[1] * (pred - noise)[1]).sum()
+    # a model equal to its parent: Δ = 0, the pair term is log 2 whatever κ
+    same = preference_loss(pred.detach(), noise, pred.detach()[:2], pairs=1, kappa=5000.0, beta=0.0)
+    assert same.total.item() == pytest.approx(math.log(2))
+
+
+def test_preference_loss_refuses_a_bad_layout():
+    pred, noise = _batch()
+    with pytest.raises(ValueError, match="pairs"):
+        preference_loss(pred, noise, pred[:4].detach(), pairs=2, kappa=1.0, beta=0.3)
+    with pytest.raises(ValueError, match="reference"):
+        preference_loss(pred, noise, pred[:1].detach(), pairs=1, kappa=1.0, beta=0.3)
 
 
 def test_sample_weights_by_source_and_mode():
@@ -233,6 +260,47 @@ def test_toy_reward_rises_and_the_child_records_its_lineage(ft_ws):
     assert len(info["train_tile_ids"]) == c["train_tiles"] and info["parent_id"] == parent.id
     assert not torch.equal(unet_weights(ws, parent)["conv_in.weight"], unet_weights(ws, child)["conv_in.weight"])
     assert not list((ws.models_dir / "generators").glob(".incoming-*"))
+
+
+def test_preference_objective_learns_from_pairs_and_records_them(ft_ws):
+    ws, engine, parent = ft_ws
+    # Every sample weighted by redness: per class the red samples are the plausible side of a
+    # pair, the blue ones the implausible side. Class "blue" must turn red, as with the weights.
+    parent = pretrain(ws, engine, PretrainConfig(train_steps=30, train_batch_size=8, train_learning_rate=3e-3,
+                                                 train_lr_warmup_steps=0, ema_decay=0.1), progress=False)
+    cfg = tiny(train_steps=8, train_batch_size=8, train_learning_rate=3e-3, objective="preference",
+               preference_beta=50.0, beta=0.1, ema_decay=0.1, checkpoint_every=8)
+    child = finetune(ws, engine, cfg, redness, parent_id=parent.id, reward_id=None, round_number=1, progress=False)
+    before, after = fresh_redness(ws, engine, parent.id), fresh_redness(ws, engine, child.id)
+    assert after[1] > before[1] + 0.05, (before, after)
+    c = child.config
+    assert (c["objective"], c["preference_beta"]) == ("preference", 50.0)
+    assert c["preference_pairs"] == {"red": {"plausible": 4, "implausible": 4},
+                                     "blue": {"plausible": 4, "implausible": 4}}
+    assert 0 <= c["final_pair_accuracy"] <= 1 and "final_mean_weight" not in c
+    assert c["final_loss"] == pytest.approx(c["final_loss_synthetic"] + 0.1 * c["final_loss_real"], rel=1e-5)
+    # resumed from a checkpoint, the same weights: the frozen reference is the parent again
+    kw = dict(parent_id=parent.id, reward_id=None, progress=False)
+    pref = dict(objective="preference", preference_beta=50.0, train_steps=4, checkpoint_every=2)
+    straight = finetune(ws, engine, tiny(run_name="p1", **pref), redness, **kw)
+    assert finetune(ws, engine, tiny(run_name="p2", **pref), redness, stop_after=2, **kw) is None
+    resumed = finetune(ws, engine, tiny(run_name="p2", **pref), redness, resume="latest", **kw)
+    a, b = unet_weights(ws, straight), unet_weights(ws, resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_preference_objective_needs_both_kinds_in_one_class(ft_ws):
+    ws, engine, parent = ft_ws
+    everything_red = lambda images, ids: torch.ones(len(ids))  # noqa: E731
+    with pytest.raises(PathloopError, match=r"needs a plausible and an implausible sample of one class; "
+                                            r"\(plausible, implausible\) per class: red 8/0, blue 8/0"):
+        finetune(ws, engine, tiny(objective="preference"), everything_red, parent_id=parent.id, reward_id=None,
+                 progress=False)
+    assert len(list_generators(engine)) == 1
+    with pytest.raises(PathloopError, match="objective preference needs feedback"):
+        tiny(objective="preference", weighting="none")
+    with pytest.raises(PathloopError, match="objective must be one of weighted, preference"):
+        tiny(objective="dpo")
 
 
 def test_resume_equals_an_uninterrupted_run(ft_ws):
