@@ -5,8 +5,10 @@ a freshly pretrained generator (round 0), two arms run the same number of optimi
 
 - **loop**: N rounds of the real system (``pathloop.rounds``): generate ``per_class`` tiles
   per class, the simulated expert (``pathloop/simulate.py``) rates ``rate`` of them through
-  the queue, a reward model is trained on its judgments, the generator is fine-tuned with
-  reward-weighted denoising, the round evaluates parent and child;
+  the queue, a reward model is trained on its judgments, the generator is fine-tuned on its
+  rated tiles (``--objective preference``, the default: Diffusion-DPO pairs of a plausible and
+  an implausible tile; or ``weighted``: reward-weighted denoising), the round evaluates
+  parent and child;
 - **control**: the same fine-tuning loop, optimizer, learning rate, batches and steps with
   every synthetic weight 0 (``weighting = none``): the real-tile term alone, i.e. plain
   continued pretraining at equal cost, no feedback.
