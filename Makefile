@@ -68,8 +68,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check store annotate_app reward finetune pathloop tests benchmarks
 
-# The loop study (benchmarks/loop_study.py): loop vs control from a fresh generator, about 21
-# minutes on 2 CPU cores; results and plots in $(STUDY)/. STUDY_ARGS="--rounds 5" etc. to change it.
+# The loop study (benchmarks/loop_study.py): loop vs control from a fresh generator, 58 minutes
+# on the 2 slow CPU cores of its last run (docs/study/); results and plots in $(STUDY)/. STUDY_ARGS="--rounds 5" etc. to change it.
 study: $(STAMP)
 	$(PY) benchmarks/loop_study.py --out $(STUDY) $(STUDY_ARGS)
 

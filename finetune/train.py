@@ -227,18 +227,14 @@ def preference_groups(samples: list[WeightedSample], classes: list[str], thresho
 
     Plausible: the experts' share (or the reward probability) at or above ``threshold``.
     """
-    out = {}
-    for c in classes:
-        win = [i for i, s in enumerate(samples) if s.class_name == c and s.plausibility >= threshold]
-        lose = [i for i, s in enumerate(samples) if s.class_name == c and s.plausibility < threshold]
-        if win and lose:
-            out[c] = (win, lose)
+    split: dict[str, tuple[list[int], list[int]]] = {c: ([], []) for c in classes}
+    for i, s in enumerate(samples):
+        split[s.class_name][0 if s.plausibility >= threshold else 1].append(i)
+    out = {c: (win, lose) for c, (win, lose) in split.items() if win and lose}
     if not out:
-        counts = {c: (sum(s.class_name == c and s.plausibility >= threshold for s in samples),
-                      sum(s.class_name == c and s.plausibility < threshold for s in samples)) for c in classes}
         raise PathloopError("the preference objective needs a plausible and an implausible sample of one class; "
                             "(plausible, implausible) per class: "
-                            + ", ".join(f"{c} {w}/{lo}" for c, (w, lo) in counts.items()))
+                            + ", ".join(f"{c} {len(w)}/{len(lo)}" for c, (w, lo) in split.items()))
     return out
 
 

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, func, select
 
-from finetune.config import LR_SCHEDULES, OBJECTIVES, WEIGHTINGS
+from finetune.config import LR_SCHEDULES, WEIGHTINGS, FinetuneConfig
 from store.errors import PathloopError
 from store.judgments import DECISIVE, is_current
 from store.models import GeneratorVersion, Judgment, Round, Sample, utcnow
@@ -79,12 +79,8 @@ class RoundOptions:
             raise PathloopError(f"finetune_lr_schedule must be constant or cosine (got {self.finetune_lr_schedule!r})")
         if self.weighting not in WEIGHTINGS:
             raise PathloopError(f"weighting must be one of {', '.join(WEIGHTINGS)} (got {self.weighting!r})")
-        if self.objective not in OBJECTIVES:
-            raise PathloopError(f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
-        if self.preference_beta <= 0:
-            raise PathloopError(f"preference_beta must be > 0 (got {self.preference_beta})")
-        if self.objective == "preference" and self.weighting == "none":
-            raise PathloopError("objective preference needs feedback; weighting none is the weighted objective's control")
+        # the objective's own checks, where FinetuneConfig keeps them (same field names)
+        FinetuneConfig(weighting=self.weighting, objective=self.objective, preference_beta=self.preference_beta)
 
 
 @dataclass
