@@ -90,9 +90,13 @@ class PairBatches:
     """The preference pairs of every (step, micro): ``(plausible indices, implausible indices)``.
 
     ``groups`` holds, per class that has both kinds, the indices of its plausible and of its
-    implausible tiles. A pair takes a class (uniformly over those classes), then one tile of
-    each kind of it; every choice is a pure function of (seed, position), and each process
-    takes its own interleaved share of the global batch of pairs.
+    implausible tiles. Every pair is drawn uniformly from all (plausible, implausible) pairs of
+    one class, so a class takes a share of the batch in proportion to its pairs
+    (``plausible × implausible``): a class the experts still reject half of gets most of the
+    steps, and a class with a handful of implausible tiles left is not pushed away from those
+    few over and over (a uniform choice of class would give it half of every batch). Every
+    choice is a pure function of (seed, position), and each process takes its own interleaved
+    share of the global batch of pairs.
     """
 
     def __init__(self, groups: Sequence[tuple[Sequence[int], Sequence[int]]], global_pairs: int, seed: int):
@@ -100,10 +104,12 @@ class PairBatches:
         if not self.groups or any(len(w) == 0 or len(lo) == 0 for w, lo in self.groups):
             raise ValueError("every pair group needs at least one plausible and one implausible tile")
         self.global_pairs, self.seed = global_pairs, seed
+        counts = np.array([len(w) * len(lo) for w, lo in self.groups], dtype=np.float64)
+        self.class_share = counts / counts.sum()
 
     def indices(self, position: int, process: int = 0, num_processes: int = 1) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(_mix(self.seed, "pairs", position))
-        group = rng.integers(0, len(self.groups), self.global_pairs)
+        group = rng.choice(len(self.groups), self.global_pairs, p=self.class_share)
         win = np.array([self.groups[k][0][rng.integers(0, len(self.groups[k][0]))] for k in group], dtype=np.int64)
         lose = np.array([self.groups[k][1][rng.integers(0, len(self.groups[k][1]))] for k in group], dtype=np.int64)
         return win[process::num_processes], lose[process::num_processes]
