@@ -107,6 +107,15 @@ class FinetuneConfig:
         "help": "a sample with at least this many current plausible/implausible judgments is weighted by the "
                 "experts' share of plausible, otherwise by the reward model"})
     samples: str = field(default="all", metadata={"help": "synthetic tiles to learn from: all, or a round number"})
+    select_every: int = field(default=0, metadata={"help": (
+        "every N steps (and before the first and after the last) sample select_per_class fresh tiles per class "
+        "from the EMA weights and score them with the reward model; the child is the best-scoring of these "
+        "candidates, the parent's own weights included (0: off, the last step's weights)")})
+    select_per_class: int = field(default=8, metadata={"help": "fresh tiles per class of each candidate's check"})
+    select_sampler: str = field(default="ddpm", metadata={"help": "sampler of the checks: ddim or ddpm"})
+    select_steps: int = field(default=50, metadata={"help": "sampler steps of the checks"})
+    select_patience: int = field(default=0, metadata={
+        "help": "stop after this many checks in a row without a better score (0: train every step)"})
     ema_decay: float = field(default=0.9999, metadata={"help": "maximum EMA decay (warm-up from 0)"})
     mixed_precision: str = field(default="auto", metadata={"help": "no | fp16 | bf16 | auto (bf16/fp16 on GPU, none on CPU)"})
     checkpoint_every: int = field(default=100, metadata={"help": "save_state every N steps"})
@@ -135,6 +144,13 @@ class FinetuneConfig:
             (self.objective != "preference" or self.weighting != "none",
              "objective preference needs feedback: weighting none is the weighted objective's control"),
             (self.samples == "all" or self.samples.isdigit(), "samples must be all or a round number"),
+            (self.select_every >= 0, "select_every must be >= 0 (0: off)"),
+            (self.select_every == 0 or self.weighting != "none",
+             "select_every needs feedback: weighting none has no reward model to select with"),
+            (self.select_per_class >= 1, "select_per_class must be >= 1"),
+            (self.select_sampler in ("ddim", "ddpm"), "select_sampler must be ddim or ddpm"),
+            (self.select_steps >= 1, "select_steps must be >= 1"),
+            (self.select_patience >= 0, "select_patience must be >= 0 (0: never stop early)"),
             (0 < self.ema_decay < 1, "ema_decay must be in (0, 1)"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.checkpoints_keep >= 1, "checkpoints_keep must be >= 1"),

@@ -50,6 +50,7 @@ from finetune.runs import (
     save_checkpoint,
     write_json,
 )
+from finetune.selection import Selection
 from store.errors import PathloopError
 from store.generators import incoming_folder, register_generator, training_tiles
 from store.images import load_rgb
@@ -297,6 +298,8 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
     """
     tile_size, classes = ws.settings.tile_size, list(ws.settings.classes)
     check_reward_fits(reward_fn, reward_id, classes, tile_size)
+    if cfg.select_every and reward_fn is None:
+        raise PathloopError("select_every needs a reward model to score the candidates; give a reward version")
     run_dir = ws.runs_dir / cfg.run_name
     ckpt = resume_point(run_dir, resume)
     run_config = {**asdict(cfg), "classes": classes, "tile_size": tile_size, "parent_id": parent_id,
@@ -341,6 +344,13 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
+    selection = candidate = None
+    if cfg.select_every:
+        selection = Selection(every=cfg.select_every, per_class=cfg.select_per_class, sampler=cfg.select_sampler,
+                              steps=cfg.select_steps, patience=cfg.select_patience, seed=cfg.seed, classes=classes,
+                              null_id=parent.null_id, scheduler_config=parent.scheduler_config, reward_fn=reward_fn)
+        accelerator.register_for_checkpointing(selection)  # after the EMA, always: the checkpoint's order
+        candidate = copy.deepcopy(accelerator.unwrap_model(unet)).eval()  # no draw from the global RNG
     if reference is not None:
         reference.to(accelerator.device)
 
@@ -366,6 +376,21 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
     last = {"loss": float("nan"), "loss_synthetic": float("nan"), "loss_real": float("nan"), fourth: float("nan")}
     started = time.time()
     end = cfg.train_steps if stop_after is None else min(cfg.train_steps, stop_after)
+
+    def check(done: int) -> None:  # a candidate: the EMA weights the run would export after `done` steps
+        ema.copy_to(candidate.parameters())
+        entry = selection.check(done, candidate, lambda t: accelerator.reduce(t, "mean"))
+        best = selection.best_entry
+        accelerator.log({"selection_reward_p": entry["reward_p"]}, step=done)
+        if progress and accelerator.is_local_main_process:
+            bar.write(f"check at step {done}: reward p {entry['reward_p']:.3f} (best: step {best['step']}, "
+                      f"{best['reward_p']:.3f})")
+
+    stopped_early = None
+    if selection is not None and not selection.history:
+        check(0)  # the parent itself
+    elif selection is not None and selection.should_stop() and first_step < cfg.train_steps:
+        stopped_early, end = first_step, first_step  # resumed after the early stop, before the export
     for step in range(first_step, end):
         for micro in range(cfg.train_gradient_accumulation_steps):
             position = step * cfg.train_gradient_accumulation_steps + micro
@@ -403,10 +428,16 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
         bar.set_postfix(loss=f"{last['loss']:.4f}", syn=f"{last['loss_synthetic']:.4f}",
                         real=f"{last['loss_real']:.4f}", **{fourth[:3]: f"{last[fourth]:.2f}"})
         accelerator.log({**last, "lr": lr_scheduler.get_last_lr()[0], "ema_decay": ema.cur_decay_value}, step=done)
-        if done % cfg.checkpoint_every == 0 or done == cfg.train_steps:
+        if selection is not None and selection.due(done, cfg.train_steps):
+            check(done)
+            if selection.should_stop() and done < cfg.train_steps:
+                stopped_early = done
+        if done % cfg.checkpoint_every == 0 or done == cfg.train_steps or stopped_early:
             save_checkpoint(accelerator, run_dir, done, cfg.checkpoints_keep)
+        if stopped_early:
+            break
     bar.close()
-    if stop_after is not None and end < cfg.train_steps:
+    if stopped_early is None and stop_after is not None and end < cfg.train_steps:
         accelerator.end_training()
         return None
 
@@ -415,7 +446,10 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
     if accelerator.is_main_process:
         final = UNet2DModel.from_config(accelerator.unwrap_model(unet).config)
         final.load_state_dict(accelerator.unwrap_model(unet).state_dict())
-        ema.copy_to(final.parameters())
+        if selection is not None:
+            final.load_state_dict(selection.best)  # the best candidate's EMA weights (step 0: the parent's)
+        else:
+            ema.copy_to(final.parameters())
         folder = incoming_folder(ws)
         try:
             info = _record(cfg, samples, tiles, expert, reward, parent_id=parent_id, reward_id=reward_id,
@@ -424,6 +458,8 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
                 info["preference_pairs"] = {c: {"plausible": len(w), "implausible": len(lo)}
                                             for c, (w, lo) in groups.items()}
             info.update({f"final_{k}": v for k, v in last.items()})
+            if selection is not None:
+                info["selection"] = selection.record() | {"stopped_early_at": stopped_early}
             info.update(seconds=round(time.time() - started, 1), processes=procs, weights="ema",
                         run=str(run_dir.relative_to(ws.root)))
             export_pipeline(final.float().cpu(), noise_scheduler, folder, info)

@@ -65,6 +65,13 @@ class RoundOptions:
         "plausible and an implausible sample of one class)")})
     preference_beta: float = field(default=2000.0, metadata={
         "help": "preference objective's inverse temperature: the larger, the closer the child stays to its parent"})
+    select_every: int = field(default=0, metadata={"metavar": "N", "help": (
+        "every N fine-tuning steps, score the EMA weights on fresh samples with the round's reward model; the "
+        "child is the best-scoring candidate, the parent included (0: off, the last step's weights)")})
+    select_per_class: int = field(default=8, metadata={"metavar": "N", "help": "fresh samples per class of each check"})
+    select_steps: int = field(default=50, metadata={"help": "sampler steps of the checks (the round's sampler)"})
+    select_patience: int = field(default=0, metadata={"metavar": "N", "help": (
+        "stop fine-tuning after N checks in a row without a better score (0: every step)")})
     eval_per_class: int = field(default=16, metadata={"metavar": "N", "help": "fresh samples per class to compare parent and child"})
     seed: int = field(default=0, metadata={"help": "base seed of the round's sampling and training"})
 
@@ -80,7 +87,13 @@ class RoundOptions:
         if self.weighting not in WEIGHTINGS:
             raise PathloopError(f"weighting must be one of {', '.join(WEIGHTINGS)} (got {self.weighting!r})")
         # the objective's own checks, where FinetuneConfig keeps them (same field names)
-        FinetuneConfig(weighting=self.weighting, objective=self.objective, preference_beta=self.preference_beta)
+        FinetuneConfig(weighting=self.weighting, objective=self.objective, preference_beta=self.preference_beta,
+                       **self.selection(), select_sampler=self.sampler)
+
+    def selection(self) -> dict:
+        """The fine-tuning run's ``select_*`` options."""
+        return {"select_every": self.select_every, "select_per_class": self.select_per_class,
+                "select_steps": self.select_steps, "select_patience": self.select_patience}
 
 
 @dataclass
@@ -371,7 +384,7 @@ def step_finetune(ws: Workspace, engine: Engine, r: Round, o: RoundOptions) -> d
                          objective=o.objective, preference_beta=o.preference_beta,
                          weighting_min_ratings=o.min_ratings,
                          checkpoint_every=o.finetune_checkpoint_every, samples=str(r.number), seed=o.seed,
-                         run_name=f"round-{r.number}-finetune")
+                         **o.selection(), select_sampler=o.sampler, run_name=f"round-{r.number}-finetune")
     child = finetune(ws, engine, cfg, load_reward(ws, engine, r.reward_id), parent_id=r.generator_in_id,
                      reward_id=r.reward_id, round_number=r.number, resume="auto")
     return {"generator_out_id": child.id}

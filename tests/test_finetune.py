@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from sqlmodel import Session, select
 
 from finetune.config import FinetuneConfig, PretrainConfig
+from finetune.data import PairBatches
 from finetune.losses import pair_accuracy, preference_loss, reward_weighted_loss, sample_weights
 from finetune.pretrain import export_pipeline, make_noise_scheduler, pretrain
 from finetune.registry import load_generator
@@ -114,6 +115,25 @@ def test_preference_loss_refuses_a_bad_layout():
         preference_loss(pred, noise, pred[:4].detach(), pairs=2, kappa=1.0, beta=0.3)
     with pytest.raises(ValueError, match="reference"):
         preference_loss(pred, noise, pred[:1].detach(), pairs=1, kappa=1.0, beta=0.3)
+
+
+def test_pairs_are_drawn_in_proportion_to_each_class_s_pairs():
+    # class 0: 10 plausible x 10 implausible = 100 pairs; class 1: 10 x 1 = 10 pairs
+    groups = [(list(range(0, 10)), list(range(10, 20))), (list(range(20, 30)), [30])]
+    batches = PairBatches(groups, global_pairs=8, seed=3)
+    win, lose = zip(*(batches.indices(p) for p in range(500)))
+    win, lose = np.concatenate(win), np.concatenate(lose)
+    first = win < 10
+    assert np.all(first == (lose < 20)), "a pair mixes two classes"
+    assert np.all(lose[~first] == 30) and np.all((win[~first] >= 20) & (win[~first] < 30))
+    assert abs(first.mean() - 100 / 110) < 0.03  # 4000 pairs: a uniform choice of class would give 0.5
+    # a pure function of the position; two processes split one global batch between them
+    again = batches.indices(7)
+    assert all(np.array_equal(a, b) for a, b in zip(again, PairBatches(groups, 8, seed=3).indices(7)))
+    halves = [batches.indices(7, rank, 2) for rank in (0, 1)]
+    assert sorted(np.concatenate([h[0] for h in halves])) == sorted(again[0])
+    with pytest.raises(ValueError, match="at least one plausible and one implausible"):
+        PairBatches([([1, 2], [])], 4, 0)
 
 
 def test_sample_weights_by_source_and_mode():
@@ -303,6 +323,61 @@ def test_preference_objective_needs_both_kinds_in_one_class(ft_ws):
         tiny(objective="dpo")
 
 
+class Counter:
+    """A reward giving every tile of a call the same value: ``start + step x calls so far`` (clipped to [0, 1])."""
+
+    def __init__(self, start: float, step: float):
+        self.start, self.step, self.calls = start, step, 0
+
+    def __call__(self, images, class_ids):
+        self.calls += 1
+        return torch.full((len(class_ids),), float(np.clip(self.start + self.step * self.calls, 0, 1)))
+
+
+def test_selection_exports_the_best_candidate_and_stops_early(ft_ws):
+    ws, engine, parent = ft_ws
+    kw = dict(parent_id=parent.id, reward_id=None, progress=False)
+    check = dict(select_every=2, select_per_class=2, select_steps=2, checkpoint_every=4)
+    # The reward rises with every call (the first weighs the samples): the last candidate wins, and it is
+    # exactly what the same run without selection exports (checking draws nothing from training's randomness).
+    plain = finetune(ws, engine, tiny(run_name="plain", train_steps=4, checkpoint_every=4), Counter(0.2, 0.1), **kw)
+    rising = finetune(ws, engine, tiny(run_name="rising", train_steps=4, **check), Counter(0.2, 0.1), **kw)
+    a, b = unet_weights(ws, plain), unet_weights(ws, rising)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    r = rising.config["selection"]
+    assert [h["step"] for h in r["history"]] == [0, 2, 4]
+    assert [h["reward_p"] for h in r["history"]] == pytest.approx([0.4, 0.5, 0.6])
+    assert r["history"][0]["per_class"] == pytest.approx({"red": 0.4, "blue": 0.4})
+    assert (r["selected_step"], r["stopped_early_at"], r["per_class"], r["sampler"]) == (4, None, 2, "ddpm")
+    assert "selection" not in plain.config
+    # It falls with every call: no candidate beats the parent, whose weights the child gets; after two
+    # checks without a better score the run stops (at step 4 of 10), checkpointed there.
+    falling = finetune(ws, engine, tiny(run_name="falling", train_steps=10, select_patience=2, **check),
+                       Counter(0.9, -0.1), **kw)
+    f = falling.config["selection"]
+    assert [h["step"] for h in f["history"]] == [0, 2, 4] and (f["selected_step"], f["stopped_early_at"]) == (0, 4)
+    p, c = unet_weights(ws, parent), unet_weights(ws, falling)
+    assert all(torch.equal(p[k], c[k]) for k in p)
+    assert (ws.runs_dir / "falling" / "checkpoints" / "checkpoint-4").is_dir()
+    # Resumed from a checkpoint between two checks: the same checks, the same child.
+    res = dict(train_steps=4, select_every=2, select_per_class=2, select_steps=2, checkpoint_every=1)
+    straight = finetune(ws, engine, tiny(run_name="s1", **res), redness, **kw)
+    assert finetune(ws, engine, tiny(run_name="s2", **res), redness, stop_after=3, **kw) is None
+    resumed = finetune(ws, engine, tiny(run_name="s2", **res), redness, resume="latest", **kw)
+    a, b = unet_weights(ws, straight), unet_weights(ws, resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.config["selection"]["history"] == straight.config["selection"]["history"]
+    # no reward model to select with: refused before anything is written
+    with pytest.raises(PathloopError, match="select_every needs a reward model"):
+        finetune(ws, engine, tiny(run_name="none", select_every=2), None, reward_id=None, parent_id=parent.id,
+                 progress=False)
+    assert not (ws.runs_dir / "none").exists()
+    with pytest.raises(PathloopError, match="select_every needs feedback"):
+        tiny(select_every=2, weighting="none")
+    with pytest.raises(PathloopError, match="select_sampler must be ddim or ddpm"):
+        tiny(select_sampler="euler")
+
+
 def test_resume_equals_an_uninterrupted_run(ft_ws):
     ws, engine, parent = ft_ws
     cfg = dict(train_steps=4, checkpoint_every=2, weighting="normalized")
@@ -408,14 +483,18 @@ def test_cli_finetune_on_two_processes_and_its_bad_input(ft_ws):
                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                         "-m", "pathloop.cli", "finetune", "-w", str(ws.root), "--from", "latest", "--reward", str(rid),
                         "--samples", "1", "--steps", "2", "--batch-size", "2", "--checkpoint-every", "1",
+                        "--select-every", "1", "--select-per-class", "2", "--select-steps", "2",
                         "--round", "1"], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "fine-tuned from version 1 with reward version 1" in p.stdout
+    assert "selection: the child is step " in p.stdout and "on 2 fresh tiles per class, of 3 checks" in p.stdout
     versions = list_generators(engine)
     assert [v.kind for v in versions] == ["pretrained", "finetuned"]  # registered once, by the main process
     child = versions[-1]
     assert child.config["processes"] == 2 and child.config["reward_id"] == rid and child.parent_id == parent.id
     assert child.config["weight_sources"] == {"experts": 0, "reward": 16, "none": 0}
+    # both processes checked the same candidates and took the same decision (the scores are averaged)
+    assert [h["step"] for h in child.config["selection"]["history"]] == [0, 1, 2]
     UNet2DModel.from_pretrained(ws.root / child.folder, subfolder="unet")
 
     bad = subprocess.run([os.path.join(bindir, "pathloop"), "finetune", "-w", str(ws.root), "--from", "1",
