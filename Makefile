@@ -44,7 +44,8 @@ demo: $(STAMP)
 	@# DDPM (ancestral) sampling: from this briefly trained model, DDIM leaves pixel noise.
 	@if $(PATHLOOP) round status --workspace $(DEMO) | grep -q "no rounds yet"; then set -e; \
 		$(PATHLOOP) round --workspace $(DEMO) --per-class 16 --sampler ddpm --sample-steps 100 \
-			--reward-epochs 20 --finetune-steps 150 --finetune-lr 1e-5 --finetune-lr-schedule cosine --objective preference --preference-beta 5000 \
+			--reward-epochs 20 --finetune-steps 150 --finetune-lr 1e-5 --finetune-lr-schedule cosine --objective preference --preference-beta 5000 --beta 300 \
+			--select-every 25 --select-per-class 16 --select-patience 2 \
 			--eval-per-class 16; \
 		$(PATHLOOP) simulate-expert --workspace $(DEMO) --raters 2 --noise 0.05; \
 		$(PATHLOOP) round --workspace $(DEMO) --step awaiting_ratings; \
@@ -68,8 +69,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check store annotate_app reward finetune pathloop tests benchmarks
 
-# The loop study (benchmarks/loop_study.py): loop vs control from a fresh generator, 58 minutes
-# on the 2 slow CPU cores of its last run (docs/study/); results and plots in $(STUDY)/. STUDY_ARGS="--rounds 5" etc. to change it.
+# The loop study (benchmarks/loop_study.py): loop vs control from a fresh generator, 31 minutes
+# on the 2 CPU cores of its last run (docs/study/); results and plots in $(STUDY)/. STUDY_ARGS="--rounds 5" etc. to change it.
 study: $(STAMP)
 	$(PY) benchmarks/loop_study.py --out $(STUDY) $(STUDY_ARGS)
 

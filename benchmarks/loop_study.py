@@ -7,8 +7,10 @@ a freshly pretrained generator (round 0), two arms run the same number of optimi
   per class, the simulated expert (``pathloop/simulate.py``) rates ``rate`` of them through
   the queue, a reward model is trained on its judgments, the generator is fine-tuned on its
   rated tiles (``--objective preference``, the default: Diffusion-DPO pairs of a plausible and
-  an implausible tile; or ``weighted``: reward-weighted denoising), the round evaluates
-  parent and child;
+  an implausible tile, with the real-tile term at ``--beta 300``; or ``weighted``:
+  reward-weighted denoising), the child being the best of its checkpoints by the round's
+  reward model (``--select-every 25``: the parent included, so a round that only makes
+  things worse keeps the parent), and the round evaluates parent and child;
 - **control**: the same fine-tuning loop, optimizer, learning rate, batches and steps with
   every synthetic weight 0 (``weighting = none``): the real-tile term alone, i.e. plain
   continued pretraining at equal cost, no feedback.
@@ -17,7 +19,9 @@ Then one ``pathloop evaluate`` of every version (same fresh seeds, never rated, 
 extractor, the last round's reward model) with the simulated expert judging the fresh
 samples. Per round and arm: simulated-expert plausibility with Wilson 95% intervals,
 reward-predicted plausibility, FID / precision / recall / density / coverage, downstream
-utility, and the share of fresh samples flagged as copies of training tiles.
+utility, and the share of fresh samples flagged as copies of training tiles. Round 0 is
+measured once more on other seeds (row ``seeds+1``): how far every figure moves with the
+draw alone, next to the targets' thresholds.
 
 The targets of the study (plausibility +15 points with its interval clear of round 0's, FID
 at most 10% worse, coverage within 0.05, no such rise in the control) are checked and printed,
@@ -46,7 +50,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
@@ -71,16 +75,23 @@ class StudyConfig:
     sampler: str = field(default="ddpm", metadata={"help": "sampler of every generated tile: ddpm or ddim"})
     sample_steps: int = field(default=100, metadata={"help": "sampler steps"})
     reward_backbone: str = field(default="resnet18", metadata={"help": "timm backbone of the reward model"})
-    reward_epochs: int = field(default=40, metadata={"help": "maximum reward training epochs"})
+    reward_epochs: int = field(default=20, metadata={"help": "maximum reward training epochs"})
     finetune_steps: int = field(default=150, metadata={"help": "optimizer steps per round, in both arms"})
     finetune_lr: float = field(default=1e-5, metadata={"help": "fine-tuning learning rate, both arms"})
     finetune_lr_schedule: str = field(default="cosine", metadata={"help": "constant or cosine (to 0), both arms"})
     finetune_batch_size: int = field(default=16, metadata={"help": "synthetic (and as many real) tiles per step"})
-    beta: float = field(default=0.3, metadata={"help": "weight of the real-tile term"})
+    beta: float = field(default=300.0, metadata={
+        "help": "weight of the real-tile term, both arms (the preference term's gradient is ~1000x a denoising one)"})
     weighting: str = field(default="binary", metadata={"help": "loop arm's sample weights: reward, binary, normalized"})
     objective: str = field(default="preference", metadata={
         "help": "loop arm's objective: weighted (reward-weighted likelihood) or preference (Diffusion-DPO on pairs)"})
     preference_beta: float = field(default=5000.0, metadata={"help": "preference objective's inverse temperature"})
+    select_every: int = field(default=25, metadata={
+        "help": "loop arm: every N steps score the candidate on fresh samples with the round's reward model; the "
+                "child is the best (0: off)"})
+    select_per_class: int = field(default=16, metadata={"help": "loop arm: fresh samples per class of each check"})
+    select_steps: int = field(default=50, metadata={"help": "loop arm: sampler steps of each check"})
+    select_patience: int = field(default=2, metadata={"help": "loop arm: stop after N checks without a better score"})
     round_eval_per_class: int = field(default=8, metadata={"help": "fresh samples per class of each round's own check"})
     eval_per_class: int = field(default=64, metadata={"help": "fresh samples per class and version in the final evaluation"})
     utility_epochs: int = field(default=30, metadata={"help": "epochs of the downstream-utility classifiers"})
@@ -105,8 +116,8 @@ class StudyConfig:
 # Every stage in seconds, for an end-to-end test of the study's plumbing (not of its outcome). A
 # 2-step generator makes noise the expert rejects; flipped verdicts give the reward model both kinds.
 FAST = dict(rounds=1, rate=16, per_class=8, noise=0.3, pretrain_steps=2, sample_steps=4, reward_backbone="test_resnet",
-            reward_epochs=1, finetune_steps=2, finetune_batch_size=4, round_eval_per_class=2, eval_per_class=4,
-            utility_epochs=1)
+            reward_epochs=1, finetune_steps=2, finetune_batch_size=4, select_every=1, select_per_class=2, select_steps=2,
+            round_eval_per_class=2, eval_per_class=4, utility_epochs=1)
 
 
 # ---------------------------------------------------------------- the two arms
@@ -148,13 +159,18 @@ def round_options(cfg: StudyConfig):
                         finetune_batch_size=cfg.finetune_batch_size,
                         finetune_checkpoint_every=cfg.finetune_steps, beta=cfg.beta, weighting=cfg.weighting,
                         objective=cfg.objective, preference_beta=cfg.preference_beta,
+                        select_every=cfg.select_every, select_per_class=cfg.select_per_class,
+                        select_steps=cfg.select_steps, select_patience=cfg.select_patience,
                         eval_per_class=max(2, cfg.round_eval_per_class), seed=cfg.seed)
 
 
 def run_loop(ws, engine, cfg: StudyConfig, timings: dict, log: Callable[[str], None]) -> list[dict]:
     """The loop arm through ``pathloop.rounds``, the simulated expert rating each round: one dict per round."""
+    from sqlmodel import Session
+
     from pathloop import rounds
     from pathloop.simulate import SimulatedExpert, simulate
+    from store.models import GeneratorVersion
 
     expert = SimulatedExpert.fit(ws, engine)
     options = asdict(round_options(cfg))
@@ -179,11 +195,15 @@ def run_loop(ws, engine, cfg: StudyConfig, timings: dict, log: Callable[[str], N
             "fine-tune": stamps["finetuning"] - stamps["training_reward"],
             "round evaluation": stamps["evaluating"] - stamps["finetuning"]}
         metrics = r.details.get("reward_metrics") or {}
+        with Session(engine) as s:
+            selection = s.get(GeneratorVersion, r.generator_out_id).config.get("selection") or {}
         out.append({"round": number, "generator_id": r.generator_out_id, "reward_id": r.reward_id,
                     "rated": rated.judgments, "rated_plausible": rated.plausible,
-                    "reward_roc_auc": metrics.get("roc_auc"), "reward_test_n": metrics.get("n")})
+                    "reward_roc_auc": metrics.get("roc_auc"), "reward_test_n": metrics.get("n"),
+                    "selected_step": selection.get("selected_step"), "selection": selection.get("history")})
+        chosen = f", child = step {selection['selected_step']}" if selection else ""
         log(f"loop round {number}: rated {rated.judgments} ({rated.plausible} plausible), reward ROC-AUC "
-            f"{_fmt(metrics.get('roc_auc'))}, generator version {r.generator_out_id} "
+            f"{_fmt(metrics.get('roc_auc'))}, generator version {r.generator_out_id}{chosen} "
             f"({time.perf_counter() - t:.0f} s)")
     return out
 
@@ -212,10 +232,15 @@ def run_control(ws, engine, cfg: StudyConfig, start_id: int, timings: dict, log:
 # ---------------------------------------------------------------- the report
 
 
-def study_rows(versions: dict[int, dict], g0: int, loop: list[dict], control: list[dict]) -> list[dict]:
-    """One flat row per (arm, round), round 0 shared: what the table, CSV and plots show."""
-    def row(arm: str, number: int, gid: int, extra: dict | None = None) -> dict:
-        v = versions[gid]
+def study_rows(versions: dict[int, dict], g0: int, loop: list[dict], control: list[dict],
+               again: dict | None = None) -> list[dict]:
+    """One flat row per (arm, round), round 0 shared: what the table, CSV and plots show.
+
+    ``again``: round 0 measured once more on other seeds (arm ``seeds+1``), the spread of the
+    measurement itself.
+    """
+    def row(arm: str, number: int, gid: int, extra: dict | None = None, v: dict | None = None) -> dict:
+        v = v or versions[gid]
         sim = v["simulated_expert"]
         return {"arm": arm, "round": number, "generator_id": gid,
                 "plausibility": sim["rate"], "plausibility_low": sim["low"], "plausibility_high": sim["high"],
@@ -229,8 +254,11 @@ def study_rows(versions: dict[int, dict], g0: int, loop: list[dict], control: li
 
     rows = [row("both", 0, g0)]
     rows += [row("loop", r["round"], r["generator_id"], {k: r[k] for k in ("rated", "rated_plausible",
-                                                                           "reward_roc_auc")}) for r in loop]
+                                                                           "reward_roc_auc", "selected_step")})
+             for r in loop]
     rows += [row("control", r["round"], r["generator_id"]) for r in control]
+    if again is not None:
+        rows.append(row("seeds+1", 0, g0, v=again))
     return rows
 
 
@@ -244,6 +272,11 @@ def check_targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
     fid_change = loop_n["fid"] / r0["fid"] - 1 if r0["fid"] > 0 else float("inf")
     cov_change = loop_n["coverage"] - r0["coverage"]
     ctrl_clear = ctrl_n["plausibility_low"] > r0["plausibility_high"]
+    again = [r for r in rows if r["arm"] == "seeds+1"]
+    spread = (f"; round 0 on other seeds: {again[0]['fid']:.2f} ({100 * (again[0]['fid'] / r0['fid'] - 1):+.1f}%)"
+              if again else "")
+    cov_spread = (f"; round 0 on other seeds: {again[0]['coverage']:.3f} ({again[0]['coverage'] - r0['coverage']:+.3f})"
+                  if again else "")
     return [
         ("plausibility rises >= 15 points, round 0 -> N", rise >= 0.15,
          f"{r0['plausibility']:.3f} -> {loop_n['plausibility']:.3f} ({100 * rise:+.1f} points)"),
@@ -251,9 +284,10 @@ def check_targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
          f"round N [{loop_n['plausibility_low']:.3f}, {loop_n['plausibility_high']:.3f}] vs round 0 "
          f"[{r0['plausibility_low']:.3f}, {r0['plausibility_high']:.3f}]"),
         ("FID worsens by no more than 10%", fid_change <= 0.10,
-         f"{r0['fid']:.2f} -> {loop_n['fid']:.2f} ({100 * fid_change:+.1f}%)"),
+         f"{r0['fid']:.2f} -> {loop_n['fid']:.2f} ({100 * fid_change:+.1f}%){spread}"),
         ("coverage within 0.05", abs(cov_change) <= 0.05 + 1e-9,  # coverage is a share: -0.05 may print as -0.0500…1
-         f"{r0['coverage']:.3f} -> {loop_n['coverage']:.3f} ({cov_change:+.3f})"),
+         f"{r0['coverage']:.3f} -> {loop_n['coverage']:.3f} ({cov_change:+.3f}"
+         f"{', higher: more of the real tiles covered' if cov_change > 0.05 else ''}){cov_spread}"),
         ("the control does not show the same rise", not (ctrl_rise >= 0.15 and ctrl_clear),
          f"{r0['plausibility']:.3f} -> {ctrl_n['plausibility']:.3f} ({100 * ctrl_rise:+.1f} points, interval "
          f"{'clear of' if ctrl_clear else 'overlapping'} round 0's)"),
@@ -266,7 +300,8 @@ def _fmt(x, digits: int = 3) -> str:
 
 def format_table(rows: list[dict]) -> str:
     head = ["arm", "round", "version", "sim. expert plausible [95% CI]", *CLASSES, "reward p", "FID", "precision",
-            "recall", "density", "coverage", "utility acc", "bal. acc", "copies", "rated (plausible)", "reward AUC"]
+            "recall", "density", "coverage", "utility acc", "bal. acc", "copies", "rated (plausible)", "reward AUC",
+            "child = step"]
     body = []
     for r in rows:
         body.append([r["arm"], str(r["round"]), f"v{r['generator_id']}",
@@ -276,7 +311,7 @@ def format_table(rows: list[dict]) -> str:
                      _fmt(r["precision"]), _fmt(r["recall"]), _fmt(r["density"]), _fmt(r["coverage"]),
                      _fmt(r["utility_accuracy"]), _fmt(r["utility_balanced_accuracy"]), _fmt(r["copies_share"]),
                      f"{r['rated']} ({r['rated_plausible']})" if "rated" in r else "-",
-                     _fmt(r.get("reward_roc_auc"))])
+                     _fmt(r.get("reward_roc_auc")), "-" if r.get("selected_step") is None else str(r["selected_step"])])
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) if i < 3 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
     lines += ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths))) for b in body]
@@ -369,9 +404,14 @@ def run_study(cfg: StudyConfig, out: Path, log: Callable[[str], None] = print) -
     ids = [g0, *(r["generator_id"] for r in loop), *(r["generator_id"] for r in control)]
     ev = evaluate(ws, engine, evaluate_config(cfg), model=loop[-1]["generator_id"], against=ids, progress=False, log=log)
     timings["final evaluation"] = time.perf_counter() - t
+    # round 0 once more on other seeds: how far the figures move with the draw alone
+    t = time.perf_counter()
+    again = evaluate(ws, engine, replace(evaluate_config(cfg), seed=cfg.seed + 1), model=g0, against=[g0],
+                     progress=False, log=log).versions[0]
+    timings["round 0 on other seeds"] = time.perf_counter() - t
     engine.dispose()
 
-    rows = study_rows({v["generator_id"]: v for v in ev.versions}, g0, loop, control)
+    rows = study_rows({v["generator_id"]: v for v in ev.versions}, g0, loop, control, again)
     targets = check_targets(rows)
     total = time.perf_counter() - started
     table = format_table(rows)

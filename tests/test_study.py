@@ -29,14 +29,18 @@ def test_one_fast_round_of_the_study_runs_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
-    assert [(r["arm"], r["round"]) for r in rows] == [("both", 0), ("loop", 1), ("control", 1)]
+    assert [(r["arm"], r["round"]) for r in rows] == [("both", 0), ("loop", 1), ("control", 1), ("seeds+1", 0)]
+    # round 0 measured again on other seeds: the same version, other fresh tiles
+    assert rows[3]["generator_id"] == rows[0]["generator_id"] and rows[3]["fid"] != rows[0]["fid"]
     for r in rows:
         assert r["plausibility_n"] == 8 and r["plausibility_low"] <= r["plausibility"] <= r["plausibility_high"]
         assert r["fid"] >= 0 and 0 <= r["coverage"] <= 1 and 0 <= r["utility_accuracy"] <= 1
     assert rows[1]["rated"] == 16 and rows[1]["reward_p_fresh"] is not None
     assert len(results["targets"]) == 5 and all(isinstance(t["met"], bool) for t in results["targets"])
-    assert set(results["timings_s"]) >= {"pretrain", "loop round 1", "control round 1", "final evaluation"}
-    assert len(pd.read_csv(out / "results.csv")) == 3
+    assert set(results["timings_s"]) >= {"pretrain", "loop round 1", "control round 1", "final evaluation",
+                                         "round 0 on other seeds"}
+    assert len(pd.read_csv(out / "results.csv")) == 4
+    assert "round 0 on other seeds" in results["targets"][2]["figures"]
     for name in ("plausibility.png", "metrics.png"):
         assert (out / name).stat().st_size > 5000
     assert "MISSED" in p.stdout or "met" in p.stdout
@@ -55,8 +59,12 @@ def test_one_fast_round_of_the_study_runs_end_to_end(tmp_path):
     assert loop_child.parent_id == control_child.parent_id == rows[0]["generator_id"]
     assert control_child.config["weighting"] == "none" and control_child.config["mean_weight"] == 0
     assert loop_child.config["weight_sources"]["experts"] == 16
+    # the loop's child is the best of its checked candidates (steps 0, 1, 2); the control selects nothing
+    assert [h["step"] for h in loop_child.config["selection"]["history"]] == [0, 1, 2]
+    assert rows[1]["selected_step"] == loop_child.config["selection"]["selected_step"]
+    assert "selection" not in control_child.config
     assert len(judgments) == 16 and {name for _, name in judgments} == {"sim-expert-1"}
-    # the round's own check (parent and child) and the study's evaluation of all three versions
+    # the round's own check (parent and child), the study's evaluation of all three versions and round 0 again
     assert sorted(e.generator_id for e in evaluations) == sorted(
         [rows[0]["generator_id"], loop_child.id] + [r["generator_id"] for r in rows])
 
