@@ -166,11 +166,9 @@ def round_options(cfg: StudyConfig):
 
 def run_loop(ws, engine, cfg: StudyConfig, timings: dict, log: Callable[[str], None]) -> list[dict]:
     """The loop arm through ``pathloop.rounds``, the simulated expert rating each round: one dict per round."""
-    from sqlmodel import Session
-
     from pathloop import rounds
     from pathloop.simulate import SimulatedExpert, simulate
-    from store.models import GeneratorVersion
+    from store.generators import get_generator
 
     expert = SimulatedExpert.fit(ws, engine)
     options = asdict(round_options(cfg))
@@ -195,8 +193,7 @@ def run_loop(ws, engine, cfg: StudyConfig, timings: dict, log: Callable[[str], N
             "fine-tune": stamps["finetuning"] - stamps["training_reward"],
             "round evaluation": stamps["evaluating"] - stamps["finetuning"]}
         metrics = r.details.get("reward_metrics") or {}
-        with Session(engine) as s:
-            selection = s.get(GeneratorVersion, r.generator_out_id).config.get("selection") or {}
+        selection = get_generator(engine, r.generator_out_id).config.get("selection") or {}
         out.append({"round": number, "generator_id": r.generator_out_id, "reward_id": r.reward_id,
                     "rated": rated.judgments, "rated_plausible": rated.plausible,
                     "reward_roc_auc": metrics.get("roc_auc"), "reward_test_n": metrics.get("n"),

@@ -47,8 +47,8 @@ class Selection:
     # ------------------------------------------------------------ the decisions
 
     def due(self, done: int, total: int) -> bool:
-        """Whether the weights after ``done`` optimizer steps are a candidate (step 0 is the parent)."""
-        return done == 0 or done % self.every == 0 or done == total
+        """Whether the weights after ``done`` >= 1 optimizer steps are a candidate (the parent is checked first)."""
+        return done % self.every == 0 or done == total
 
     @property
     def best_entry(self) -> dict | None:

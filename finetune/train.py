@@ -445,10 +445,10 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = UNet2DModel.from_config(accelerator.unwrap_model(unet).config)
-        final.load_state_dict(accelerator.unwrap_model(unet).state_dict())
         if selection is not None:
             final.load_state_dict(selection.best)  # the best candidate's EMA weights (step 0: the parent's)
         else:
+            final.load_state_dict(accelerator.unwrap_model(unet).state_dict())
             ema.copy_to(final.parameters())
         folder = incoming_folder(ws)
         try:

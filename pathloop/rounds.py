@@ -88,12 +88,13 @@ class RoundOptions:
             raise PathloopError(f"weighting must be one of {', '.join(WEIGHTINGS)} (got {self.weighting!r})")
         # the objective's own checks, where FinetuneConfig keeps them (same field names)
         FinetuneConfig(weighting=self.weighting, objective=self.objective, preference_beta=self.preference_beta,
-                       **self.selection(), select_sampler=self.sampler)
+                       **self.selection())
 
     def selection(self) -> dict:
-        """The fine-tuning run's ``select_*`` options."""
+        """The fine-tuning run's ``select_*`` options (the checks sample with the round's sampler)."""
         return {"select_every": self.select_every, "select_per_class": self.select_per_class,
-                "select_steps": self.select_steps, "select_patience": self.select_patience}
+                "select_sampler": self.sampler, "select_steps": self.select_steps,
+                "select_patience": self.select_patience}
 
 
 @dataclass
@@ -384,7 +385,7 @@ def step_finetune(ws: Workspace, engine: Engine, r: Round, o: RoundOptions) -> d
                          objective=o.objective, preference_beta=o.preference_beta,
                          weighting_min_ratings=o.min_ratings,
                          checkpoint_every=o.finetune_checkpoint_every, samples=str(r.number), seed=o.seed,
-                         **o.selection(), select_sampler=o.sampler, run_name=f"round-{r.number}-finetune")
+                         **o.selection(), run_name=f"round-{r.number}-finetune")
     child = finetune(ws, engine, cfg, load_reward(ws, engine, r.reward_id), parent_id=r.generator_in_id,
                      reward_id=r.reward_id, round_number=r.number, resume="auto")
     return {"generator_out_id": child.id}
