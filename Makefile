@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 STUDY ?= study
 STUDY_ARGS ?=
 
-.PHONY: demo test install lint study bench-ingest bench-generator bench-queue bench-reward bench-finetune clean-demo
+.PHONY: demo test install lint study bench-ingest bench-loader bench-generator bench-queue bench-reward bench-finetune clean-demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,9 @@ study: $(STAMP)
 
 bench-ingest: $(STAMP)
 	$(PY) benchmarks/ingest.py
+
+bench-loader: $(STAMP)
+	$(PY) benchmarks/loader.py
 
 bench-generator: $(STAMP)
 	$(PY) benchmarks/generator.py

@@ -1,10 +1,11 @@
 """Ingest throughput against a plain ``read_region`` loop over the same grid.
 
 The peer is what a lab script does by hand: one process, ``read_region`` per grid tile,
-convert to RGB, nothing else. ``read_tiles`` also composites onto white, hashes and
-PNG-encodes every tile, and ``pathloop ingest`` (``ingest_slides``) adds planning (tissue
-mask, regions, splits), writing the files and one transaction of rows; each is timed with
-one worker and with every core, side by side in one run.
+convert to RGB, nothing else. ``read_tiles`` also hashes every tile's pixels and encodes it
+for a shard (the slide's own JPEG bytes where a grid tile is one native tile, else zstd),
+and ``pathloop ingest`` (``ingest_slides``) adds planning (tissue mask, regions, splits),
+writing the shard and one transaction of rows; each is timed with one worker and with every
+core, side by side in one run, on a JPEG-tiled 20k x 20k pyramid and on the demo slide.
 
 Run: ``python benchmarks/ingest.py`` (slides are written once under ``benchmarks/.cache/``).
 """
@@ -80,23 +81,23 @@ def slides() -> list[tuple[str, Path, list[TileSpec], int, Path | None, int | No
 
     CACHE.mkdir(exist_ok=True)
     demo, geojson = write_demo_slide(CACHE / "ihc.tiff")
-    large = CACHE / f"large-{LARGE_SIZE}.tif"
+    large = CACHE / f"large-{LARGE_SIZE}-jpeg.tif"
     if not large.exists():
         start = time.perf_counter()
-        write_large_pyramid(large, size=LARGE_SIZE)
+        write_large_pyramid(large, size=LARGE_SIZE, compression="jpeg")
         print(f"wrote {large} ({large.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.0f} s")
     demo_specs = plan_tiles(demo, tile_size=32, stride=16, regions=load_regions(geojson))
     large_specs = plan_tiles(large, tile_size=256, class_name="tissue")
     return [
         ("demo 512 px, tile 32 stride 16", demo, demo_specs, 32, geojson, 16),
-        (f"large {LARGE_SIZE} px, tile 256 level 0", large, large_specs, 256, None, None),
+        (f"large {LARGE_SIZE} px JPEG tiles, tile 256 level 0", large, large_specs, 256, None, None),
     ]
 
 
 def main() -> None:
     cores = os.cpu_count() or 1
     print(f"{cores} cores")
-    for name, path, specs, out_size, regions, stride in slides():
+    for name, path, specs, out_size, regions, stride in reversed(slides()):
         plain = tiles_per_second(partial(plain_read_region_loop, path, specs))
         print(f"\n{name}: {len(specs)} tiles")
         print(f"  {'plain read_region loop':<28} {plain:9.0f} tiles/s   1.00x")

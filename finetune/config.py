@@ -34,6 +34,8 @@ class PretrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of model init, batches and noise"})
     log_with: str | None = field(default=None, metadata={"help": "accelerate tracker, e.g. tensorboard"})
     run_name: str = field(default="pretrain", metadata={"help": "folder under runs/ for checkpoints and logs"})
+    data_workers: int = field(default=2, metadata={
+        "help": "processes that read tiles from the store and noise batches ahead of training (0: in this process)"})
 
     def __post_init__(self) -> None:
         checks = [
@@ -41,19 +43,24 @@ class PretrainConfig:
             (self.train_batch_size >= 1, "train_batch_size must be >= 1"),
             (self.train_gradient_accumulation_steps >= 1, "train_gradient_accumulation_steps must be >= 1"),
             (self.train_learning_rate > 0, "train_learning_rate must be > 0"),
+            (self.train_lr_warmup_steps >= 0, "train_lr_warmup_steps must be >= 0"),
+            (self.train_adam_weight_decay >= 0, "train_adam_weight_decay must be >= 0"),
+            (self.train_max_grad_norm > 0, "train_max_grad_norm must be > 0"),
             (0 <= self.train_class_dropout < 1, "train_class_dropout must be in [0, 1)"),
             (0 < self.ema_decay < 1, "ema_decay must be in (0, 1)"),
             (self.noise_timesteps >= 2, "noise_timesteps must be >= 2"),
+            (0 <= self.seed < 2**32, "seed must be in 0..2**32-1"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.checkpoints_keep >= 1, "checkpoints_keep must be >= 1"),
             (self.mixed_precision in ("no", "fp16", "bf16", "auto"), "mixed_precision must be no, fp16, bf16 or auto"),
             (self.run_name and "/" not in self.run_name and not self.run_name.startswith("."),
              "run_name must be a plain folder name"),
+            (self.data_workers >= 0, "data_workers must be >= 0"),
         ]
         _raise_first_failed(self, checks)
 
-    # Fields that may change between a checkpoint and its resumption.
-    RESUMABLE_CHANGES = ("log_with", "checkpoint_every", "checkpoints_keep")
+    # Fields that may change between a checkpoint and its resumption (batches do not depend on them).
+    RESUMABLE_CHANGES = ("log_with", "checkpoint_every", "checkpoints_keep", "data_workers")
 
 
 def _raise_first_failed(cfg, checks: list[tuple[bool, str]]) -> None:
@@ -123,6 +130,8 @@ class FinetuneConfig:
     seed: int = field(default=0, metadata={"help": "seed of batches and noise"})
     log_with: str | None = field(default=None, metadata={"help": "accelerate tracker, e.g. tensorboard"})
     run_name: str = field(default="finetune", metadata={"help": "folder under runs/ for checkpoints and logs"})
+    data_workers: int = field(default=2, metadata={
+        "help": "processes that read tiles from the store and noise batches ahead of training (0: in this process)"})
 
     def __post_init__(self) -> None:
         self.samples = str(self.samples).strip().lower()
@@ -133,7 +142,9 @@ class FinetuneConfig:
             (self.train_learning_rate > 0, "train_learning_rate must be > 0"),
             (self.train_lr_warmup_steps >= 0, "train_lr_warmup_steps must be >= 0"),
             (self.train_lr_schedule in LR_SCHEDULES, "train_lr_schedule must be constant or cosine"),
+            (self.train_adam_weight_decay >= 0, "train_adam_weight_decay must be >= 0"),
             (self.train_max_grad_norm > 0, "train_max_grad_norm must be > 0"),
+            (0 <= self.seed < 2**32, "seed must be in 0..2**32-1"),
             (0 <= self.train_class_dropout < 1, "train_class_dropout must be in [0, 1)"),
             (self.beta >= 0, "beta must be >= 0"),
             (self.weighting in WEIGHTINGS, f"weighting must be one of {', '.join(WEIGHTINGS)}"),
@@ -157,6 +168,7 @@ class FinetuneConfig:
             (self.mixed_precision in ("no", "fp16", "bf16", "auto"), "mixed_precision must be no, fp16, bf16 or auto"),
             (self.run_name and "/" not in self.run_name and not self.run_name.startswith("."),
              "run_name must be a plain folder name"),
+            (self.data_workers >= 0, "data_workers must be >= 0"),
         ]
         _raise_first_failed(self, checks)
 

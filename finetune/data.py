@@ -8,14 +8,15 @@ exactly the data and noise an uninterrupted run would, on any number of processe
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.data
 
 from store.errors import PathloopError
-from store.images import load_rgb
+from store.images import ImageColumns, ShardSlot
 
 
 def to_model_range(rgb_uint8: torch.Tensor) -> torch.Tensor:
@@ -32,20 +33,61 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 class TileSet:
-    """Tiles held in memory as one uint8 tensor ``(N, 3, H, W)`` with class ids ``(N,)``.
+    """Tiles read from the store on demand: images ``ImageColumns`` and class ids ``(N,)``.
 
-    Tiles are small (32-256 px); tens of thousands fit in a few GB, and a tensor index is
-    far cheaper per step than decoding PNGs.
+    Nothing is decoded until a batch asks for it, so a process holds a few dozen bytes a
+    tile whatever the tile count (a tensor of 10^6 tiles of 256 px would be ~196 GB).
     """
 
-    def __init__(self, paths: Sequence[Path], class_ids: Sequence[int], size: int):
-        if not paths:
+    def __init__(self, images: ImageColumns, class_ids: Sequence[int] | np.ndarray):
+        if not len(images):
             raise PathloopError("no tiles to train on")
-        self.images = torch.from_numpy(np.stack([load_rgb(p, size) for p in paths])).permute(0, 3, 1, 2).contiguous()
-        self.class_ids = torch.tensor(list(class_ids), dtype=torch.long)
+        self.images = images
+        self.class_ids = torch.as_tensor(np.asarray(class_ids, np.int64))
+        if len(self.class_ids) != len(images):
+            raise PathloopError(f"{len(images)} tiles but {len(self.class_ids)} class ids")
+
+    @classmethod
+    def from_locations(cls, root: Path, locations: Sequence[Path | ShardSlot], class_ids: Sequence[int], size: int
+                       ) -> TileSet:
+        """From PNG paths or shard slots (samples, small sets)."""
+        return cls(ImageColumns.from_locations(root, locations, size), class_ids)
 
     def __len__(self) -> int:
         return len(self.class_ids)
+
+    def batch(self, indices) -> torch.Tensor:
+        """The tiles at ``indices`` as ``(B, 3, H, W)`` uint8."""
+        return torch.from_numpy(self.images.batch(np.asarray(indices))).permute(0, 3, 1, 2).contiguous()
+
+
+class _Positions(torch.utils.data.Dataset):
+    def __init__(self, make: Callable[[int], object], positions: range):
+        self.make, self.positions = make, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, k: int):
+        return self.make(self.positions[k])
+
+
+def step_loader(make: Callable[[int], object], positions: range, workers: int) -> Iterator:
+    """``make(position)`` for each position in order, made ahead in ``workers`` processes (0: here).
+
+    ``make`` is a pure function of the position (its data and noise come from
+    ``step_generator``), so what a worker makes is what this process would have made, and a
+    resumed run, which starts at a later position, sees the same batches as an uninterrupted one.
+    """
+    if workers <= 0 or len(positions) <= 1:
+        return (make(p) for p in positions)
+    loader = torch.utils.data.DataLoader(
+        _Positions(make, positions), batch_size=None, shuffle=False, num_workers=min(workers, len(positions)),
+        prefetch_factor=4, persistent_workers=False,
+        # fork: the workers inherit ``make`` and its data without pickling; they use the CPU only.
+        multiprocessing_context="fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None,
+    )
+    return iter(loader)
 
 
 def _mix(*parts: int) -> int:

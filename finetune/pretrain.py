@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 from tqdm.auto import tqdm
 
 from finetune.config import PretrainConfig
-from finetune.data import StepBatches, TileSet, dihedral, step_generator, to_model_range
+from finetune.data import StepBatches, TileSet, dihedral, step_generator, step_loader, to_model_range
 from finetune.runs import (
     check_launch,
     check_resumable,
@@ -38,7 +38,7 @@ from finetune.runs import (
 )
 from finetune.unet import build_unet, check_size, null_class
 from store.errors import PathloopError
-from store.generators import incoming_folder, register_generator, training_tiles
+from store.generators import incoming_folder, register_generator, tile_table
 from store.models import GeneratorVersion
 from store.workspace import Workspace
 
@@ -103,7 +103,7 @@ def pretrain(ws: Workspace, engine: Engine, cfg: PretrainConfig, *, resume: str 
     check_size(cfg.preset, tile_size)
     run_dir = ws.runs_dir / cfg.run_name
     ckpt = resume_point(run_dir, resume)
-    refs = training_tiles(ws, engine, "train")
+    tiles = tile_table(ws, engine, "train")
 
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train_gradient_accumulation_steps,
@@ -113,7 +113,7 @@ def pretrain(ws: Workspace, engine: Engine, cfg: PretrainConfig, *, resume: str 
     )
     check_launch(accelerator)
     set_seed(cfg.seed)
-    data = TileSet([r.path for r in refs], [classes.index(r.class_name) for r in refs], tile_size)
+    data = TileSet(tiles.images, tiles.class_ids)
     unet = build_unet(cfg.preset, tile_size, len(classes))
     null_id = null_class(unet)
     noise_scheduler = make_noise_scheduler(cfg)
@@ -147,15 +147,20 @@ def pretrain(ws: Workspace, engine: Engine, cfg: PretrainConfig, *, resume: str 
     last_loss = float("nan")
     started = time.time()
     end = cfg.train_steps if stop_after is None else min(cfg.train_steps, stop_after)
+    accumulation = cfg.train_gradient_accumulation_steps
+
+    def make_batch(position: int):  # a pure function of the position: run ahead in data workers
+        step, micro = divmod(position, accumulation)
+        idx = batches.indices(position, rank, procs)
+        return denoising_batch(
+            data.batch(idx), data.class_ids[idx], scheduler=noise_scheduler, g=step_generator(cfg.seed, step, micro, rank),
+            null_id=null_id, class_dropout=cfg.train_class_dropout, augment=cfg.train_augment)
+
+    ready = step_loader(make_batch, range(first_step * accumulation, end * accumulation), cfg.data_workers)
     for step in range(first_step, end):
         loss = None
-        for micro in range(cfg.train_gradient_accumulation_steps):
-            position = step * cfg.train_gradient_accumulation_steps + micro
-            idx = torch.from_numpy(batches.indices(position, rank, procs))
-            g = step_generator(cfg.seed, step, micro, rank)
-            inputs = denoising_batch(
-                data.images[idx], data.class_ids[idx], scheduler=noise_scheduler, g=g, null_id=null_id,
-                class_dropout=cfg.train_class_dropout, augment=cfg.train_augment)
+        for _micro in range(accumulation):
+            inputs = next(ready)
             loss = denoising_update(accelerator, unet, optimizer, lr_scheduler, inputs, cfg.train_max_grad_norm)
         if not accelerator.sync_gradients:  # accumulate() syncs on the last micro-batch
             raise RuntimeError("gradient accumulation fell out of step with the loop")
@@ -185,7 +190,7 @@ def pretrain(ws: Workspace, engine: Engine, cfg: PretrainConfig, *, resume: str 
         try:
             info = {
                 "kind": "pretrained", "classes": classes, "tile_size": tile_size, "null_class": null_id,
-                "config": asdict(cfg), "train_tiles": len(refs), "train_tile_ids": [r.tile_id for r in refs],
+                "config": asdict(cfg), "train_tiles": len(tiles), "train_tile_ids": tiles.tile_ids.tolist(),
                 "final_loss": last_loss, "seconds": round(time.time() - started, 1), "processes": procs,
                 "weights": "ema",
             }

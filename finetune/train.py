@@ -37,7 +37,15 @@ from sqlalchemy.engine import Engine
 from tqdm.auto import tqdm
 
 from finetune.config import FinetuneConfig
-from finetune.data import PairBatches, StepBatches, TileSet, dihedral, step_generator, to_model_range
+from finetune.data import (
+    PairBatches,
+    StepBatches,
+    TileSet,
+    dihedral,
+    step_generator,
+    step_loader,
+    to_model_range,
+)
 from finetune.losses import WeightedLoss, pair_accuracy, preference_loss, reward_weighted_loss, sample_weights
 from finetune.pretrain import denoising_batch, export_pipeline
 from finetune.registry import load_generator, version_info
@@ -52,7 +60,7 @@ from finetune.runs import (
 )
 from finetune.selection import Selection
 from store.errors import PathloopError
-from store.generators import incoming_folder, register_generator, training_tiles
+from store.generators import TileTable, incoming_folder, register_generator, tile_table
 from store.images import load_rgb
 from store.models import GeneratorVersion
 from store.rewards import rated_samples, scores_of, selected_samples
@@ -165,23 +173,24 @@ def _frozen_data(samples: list[WeightedSample], tile_ids: list[int]) -> dict:
             "train_tile_ids": tile_ids}
 
 
-def _thaw_data(ws: Workspace, engine: Engine, run_dir: Path) -> tuple[list[WeightedSample], list]:
+def _thaw_data(ws: Workspace, engine: Engine, run_dir: Path) -> tuple[list[WeightedSample], TileTable]:
     """The samples and train tiles a run started with, from its ``data.json``."""
     f = run_dir / DATA_FILE
     if not f.is_file():
         raise PathloopError(f"{run_dir} has no {DATA_FILE}; it is not a pathloop fine-tuning run")
     data = json.loads(f.read_text())
     paths = {s.sample_id: s.path for s in selected_samples(ws, engine, "all")}
-    tiles = {t.tile_id: t for t in training_tiles(ws, engine, "train")}
     gone = [d["id"] for d in data["samples"] if d["id"] not in paths]
-    gone_tiles = [t for t in data["train_tile_ids"] if t not in tiles]
-    if gone or gone_tiles:
-        what = f"sample {gone[0]}" if gone else f"train tile {gone_tiles[0]}"
-        raise PathloopError(f"{what}, which the run in {run_dir} trains on, is no longer in the workspace; "
+    if gone:
+        raise PathloopError(f"sample {gone[0]}, which the run in {run_dir} trains on, is no longer in the workspace; "
                             "start a new --run-name")
+    try:
+        tiles = tile_table(ws, engine, "train", tile_ids=data["train_tile_ids"])
+    except PathloopError as e:
+        raise PathloopError(f"{e}; the run in {run_dir} trains on it: start a new --run-name") from None
     samples = [WeightedSample(d["id"], paths[d["id"]], d["class"], d["source"], d["plausibility"], d["ratings"],
                               tuple(d["judgment_ids"])) for d in data["samples"]]
-    return samples, [tiles[t] for t in data["train_tile_ids"]]
+    return samples, tiles
 
 
 def weight_sources(samples: list[WeightedSample]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,7 +322,7 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
     else:
         # Every process weighs the samples itself (the same reads, the same scores): no collective
         # runs before training, so bad input fails on all processes alike instead of hanging one.
-        tiles = training_tiles(ws, engine, "train")
+        tiles = tile_table(ws, engine, "train")
         first_process = int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
         samples = weighted_samples(ws, engine, cfg, reward_fn, reward_id, progress=progress and first_process)
 
@@ -325,8 +334,9 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
     )
     check_launch(accelerator)
     set_seed(cfg.seed)
-    synthetic = TileSet([s.path for s in samples], [classes.index(s.class_name) for s in samples], tile_size)
-    real = TileSet([t.path for t in tiles], [classes.index(t.class_name) for t in tiles], tile_size)
+    synthetic = TileSet.from_locations(ws.root, [s.path for s in samples], [classes.index(s.class_name) for s in samples],
+                                       tile_size)
+    real = TileSet(tiles.images, tiles.class_ids)
     expert, reward = weight_sources(samples)
     preference = cfg.objective == "preference"
     groups = preference_groups(samples, classes, cfg.weighting_threshold) if preference else {}
@@ -366,7 +376,7 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
         first_step = checkpoint_step(ckpt)
     elif accelerator.is_main_process:
         write_json(run_dir / "config.json", run_config)
-        write_json(run_dir / DATA_FILE, _frozen_data(samples, [t.tile_id for t in tiles]))
+        write_json(run_dir / DATA_FILE, _frozen_data(samples, tiles.tile_ids.tolist()))
     if cfg.log_with:
         accelerator.init_trackers("pathloop-finetune", config={k: v for k, v in asdict(cfg).items() if v is not None})
 
@@ -391,26 +401,35 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
         check(0)  # the parent itself
     elif selection is not None and selection.should_stop() and first_step < cfg.train_steps:
         stopped_early, end = first_step, first_step  # resumed after the early stop, before the export
-    for step in range(first_step, end):
-        for micro in range(cfg.train_gradient_accumulation_steps):
-            position = step * cfg.train_gradient_accumulation_steps + micro
-            ri = torch.from_numpy(real_batches.indices(position, rank, procs))
-            g = step_generator(cfg.seed, step, micro, rank)
-            if preference:
-                wi, li = (torch.from_numpy(i) for i in pair_batches.indices(position, rank, procs))
-                inputs = preference_batch(
-                    synthetic.images[wi], synthetic.images[li], synthetic.class_ids[wi], real.images[ri],
-                    real.class_ids[ri], scheduler=noise_scheduler, g=g, null_id=parent.null_id,
-                    class_dropout=cfg.train_class_dropout, augment=cfg.train_augment)
-                terms, extra = preference_update(accelerator, unet, reference, optimizer, lr_scheduler, inputs,
-                                                 len(wi), cfg.preference_beta, cfg.beta, cfg.train_max_grad_norm)
-                continue
-            si = torch.from_numpy(synthetic_batches.indices(position, rank, procs))
-            inputs = denoising_batch(
-                torch.cat([synthetic.images[si], real.images[ri]]),
-                torch.cat([synthetic.class_ids[si], real.class_ids[ri]]),
-                scheduler=noise_scheduler, g=g, null_id=parent.null_id,
+    accumulation = cfg.train_gradient_accumulation_steps
+
+    def make_batch(position: int):  # a pure function of the position: run ahead in data workers
+        step, micro = divmod(position, accumulation)
+        ri = real_batches.indices(position, rank, procs)
+        g = step_generator(cfg.seed, step, micro, rank)
+        if preference:
+            wi, li = pair_batches.indices(position, rank, procs)
+            return len(wi), preference_batch(
+                synthetic.batch(wi), synthetic.batch(li), synthetic.class_ids[wi], real.batch(ri),
+                real.class_ids[ri], scheduler=noise_scheduler, g=g, null_id=parent.null_id,
                 class_dropout=cfg.train_class_dropout, augment=cfg.train_augment)
+        si = synthetic_batches.indices(position, rank, procs)
+        return si, denoising_batch(
+            torch.cat([synthetic.batch(si), real.batch(ri)]),
+            torch.cat([synthetic.class_ids[si], real.class_ids[ri]]),
+            scheduler=noise_scheduler, g=g, null_id=parent.null_id,
+            class_dropout=cfg.train_class_dropout, augment=cfg.train_augment)
+
+    ready = step_loader(make_batch, range(first_step * accumulation, end * accumulation), cfg.data_workers)
+    for step in range(first_step, end):
+        for _micro in range(accumulation):
+            if preference:
+                n_pairs, inputs = next(ready)
+                terms, extra = preference_update(accelerator, unet, reference, optimizer, lr_scheduler, inputs,
+                                                 n_pairs, cfg.preference_beta, cfg.beta, cfg.train_max_grad_norm)
+                continue
+            si, inputs = next(ready)
+            si = torch.as_tensor(si)
             weights = sample_weights(expert[si], reward[si], cfg.weighting, cfg.weighting_threshold)
             terms = weighted_update(accelerator, unet, optimizer, lr_scheduler, inputs, weights, cfg.beta,
                                     cfg.train_max_grad_norm)
@@ -474,7 +493,7 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
     return version
 
 
-def _record(cfg: FinetuneConfig, samples: list[WeightedSample], tiles: list, expert: torch.Tensor,
+def _record(cfg: FinetuneConfig, samples: list[WeightedSample], tiles: TileTable, expert: torch.Tensor,
             reward: torch.Tensor, **provenance) -> dict:
     """What the child version records: parent, reward, objective, and exactly which data went in.
 
@@ -492,5 +511,5 @@ def _record(cfg: FinetuneConfig, samples: list[WeightedSample], tiles: list, exp
         "weight_sources": {src: sum(s.source == src for s in samples) for src in ("experts", "reward", "none")},
         "mean_weight": float(np.mean(weights)),
         "judgment_ids": sorted(j for s in samples for j in s.judgment_ids),
-        "train_tiles": len(tiles), "train_tile_ids": [t.tile_id for t in tiles],
+        "train_tiles": len(tiles), "train_tile_ids": tiles.tile_ids.tolist(),
     }

@@ -42,6 +42,9 @@ def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise PathloopError(f"cannot write {target}: {e.strerror or e}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -147,13 +150,18 @@ def _pattern_tiles(cells: list[np.ndarray], kinds: np.ndarray, size: int, tile: 
             yield out
 
 
-def write_large_pyramid(out_tiff, size: int = 20000, tile: int = 256, mpp: float = 0.5) -> Path:
+def write_large_pyramid(out_tiff, size: int = 20000, tile: int = 256, mpp: float = 0.5,
+                        compression: str = "jpeg") -> Path:
     """Write a ``size`` x ``size`` pyramidal TIFF of randomly flipped IHC cells, tile by tile.
 
     Levels are 4x apart down to about one tile; resolution tags make OpenSlide report ``mpp``.
+    ``compression``: ``jpeg`` (quality 90, YCbCr 4:2:0, as scanners write) or ``zlib``.
     Memory stays at a few tiles whatever the size.
     """
     out = _check_out(out_tiff)
+    codecs = {"jpeg": {"level": 90}, "zlib": {"level": 1}}
+    if compression not in codecs:
+        raise PathloopError(f"compression {compression!r}; expected one of {', '.join(codecs)}")
     if size < tile or tile % 16:
         raise PathloopError(f"size {size} and tile {tile}: expected size >= tile and tile a multiple of 16")
     source = data.immunohistochemistry()
@@ -174,8 +182,8 @@ def write_large_pyramid(out_tiff, size: int = 20000, tile: int = 256, mpp: float
                     dtype=np.uint8,
                     tile=(tile, tile),
                     photometric="rgb",
-                    compression="zlib",
-                    compressionargs={"level": 1},
+                    compression=compression,
+                    compressionargs=codecs[compression],
                     subfiletype=0 if i == 0 else 1,
                     resolution=(pixels_per_cm / factor, pixels_per_cm / factor),
                     resolutionunit="CENTIMETER",

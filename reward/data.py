@@ -27,7 +27,7 @@ import torch
 from reward.config import RewardConfig
 from store.errors import PathloopError
 from store.images import load_rgb
-from store.rewards import current_decisive_count, rated_samples, real_tiles
+from store.rewards import current_decisive_count, rated_samples, real_tile_ids, tiles_by_id
 from store.workspace import Workspace
 
 SPLITS = ("train", "val", "test")
@@ -123,23 +123,24 @@ def _weak_examples(ws: Workspace, engine, cfg: RewardConfig, expert_counts: dict
     out: dict[str, list[Example]] = {s: [] for s in SPLITS}
     if cfg.data_weak_share == 0 or len(classes) < 2:
         return out
-    tiles = real_tiles(ws, engine)
+    ids = real_tile_ids(ws, engine)  # ids only: a cohort's 10^6 tiles are not loaded as objects
     for split in SPLITS:
         wanted = round(expert_counts[split] * cfg.data_weak_share / (1 - cfg.data_weak_share))
         pairs = (wanted + 1) // 2
-        by_class: dict[str, list] = defaultdict(list)
-        for t in tiles:
-            if t.split == split:
-                by_class[t.class_name].append(t)
+        # in the order the classes first appear among the split's tiles, as the shuffles below draw
+        present = sorted((c for c in classes if ids.get((split, c))), key=lambda c: ids[(split, c)][0])
+        by_class = {c: list(ids[(split, c)]) for c in present}
         rng = _seeded(cfg.seed, "weak", split)
         for pool in by_class.values():
             rng.shuffle(pool)
-        chosen, queues = [], [by_class[c] for c in classes if by_class[c]]
+        chosen, queues = [], [by_class[c] for c in classes if by_class.get(c)]
         while len(chosen) < pairs and any(queues):  # round-robin over classes: balanced weak labels
             for q in queues:
                 if q and len(chosen) < pairs:
                     chosen.append(q.pop())
-        for t in chosen:
+        tiles = {t.tile_id: t for t in tiles_by_id(ws, engine, chosen)}
+        for tile_id in chosen:
+            t = tiles[tile_id]
             own = classes.index(t.class_name)
             other = rng.choice([i for i in range(len(classes)) if i != own])
             out[split] += [Example(t.path, own, 1.0, False, t.tile_id), Example(t.path, other, 0.0, False, t.tile_id)]

@@ -7,16 +7,17 @@ Version folders live in ``models/generators/<id>``, registered all or nothing
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from store import versions
 from store.errors import PathloopError
-from store.images import EncodedImage, register_images
+from store.images import EncodedImage, ImageColumns, ShardSlot, locate, location_columns, register_images
 from store.models import GeneratorVersion, Image, Sample, Tile
 from store.workspace import Workspace
 
@@ -57,30 +58,85 @@ def list_generators(engine: Engine) -> list[GeneratorVersion]:
 
 @dataclass(frozen=True)
 class TileRef:
-    """A real tile as model code sees it: where its PNG is and its class."""
+    """A real tile as model code sees it: where its pixels are (PNG or shard slot) and its class."""
 
     tile_id: int
-    path: Path
+    path: Path | ShardSlot
     class_name: str
 
 
-def training_tiles(ws: Workspace, engine: Engine, split: str = "train") -> list[TileRef]:
-    """Every tile of ``split`` in a workspace class; a clear error when a class has none."""
-    classes = ws.settings.classes
-    if not classes:
-        raise PathloopError(f"no classes in {ws.root / 'pathloop.toml'}; list them and ingest tiles first")
-    with Session(engine) as s:
-        rows = s.exec(select(Tile.id, Image.path, Tile.class_name).join(Image, Image.id == Tile.image_id)
-                      .where(Tile.split == split, Tile.class_name.in_(classes)).order_by(Tile.id)).all()
-    if not rows:
+def _check_split_classes(ws: Workspace, split: str, present: set[str], n: int) -> None:
+    if not n:
         raise PathloopError(f"the workspace has no {split} tiles; ingest slides first (`pathloop ingest`)")
-    present = {r[2] for r in rows}
-    missing = [c for c in classes if c not in present]
+    missing = [c for c in ws.settings.classes if c not in present]
     if missing:
         raise PathloopError(
             f"class {missing[0]!r} has no {split} tiles; ingest tiles of it or remove it from pathloop.toml"
         )
-    return [TileRef(tid, ws.root / path, cls) for tid, path, cls in rows]
+
+
+def _split_query(ws: Workspace, split: str):
+    if not ws.settings.classes:
+        raise PathloopError(f"no classes in {ws.root / 'pathloop.toml'}; list them and ingest tiles first")
+    return (select(Tile.id, Tile.class_name, *location_columns()).join(Image, Image.id == Tile.image_id)
+            .where(Tile.split == split, Tile.class_name.in_(ws.settings.classes)).order_by(Tile.id))
+
+
+def training_tiles(ws: Workspace, engine: Engine, split: str = "train") -> list[TileRef]:
+    """Every tile of ``split`` in a workspace class; a clear error when a class has none.
+
+    One object per tile: for the held-out splits and small sets. Training reads
+    ``tile_table``, whose memory does not grow with the tile count.
+    """
+    with Session(engine) as s:
+        rows = s.exec(_split_query(ws, split)).all()
+    _check_split_classes(ws, split, {r[1] for r in rows}, len(rows))
+    return [TileRef(tid, locate(ws.root, *loc), cls) for tid, cls, *loc in rows]
+
+
+@dataclass(frozen=True)
+class TileTable:
+    """The tiles of one split as columns: ids ``(N,)`` int64, class ids ``(N,)`` int64, and their images."""
+
+    tile_ids: np.ndarray
+    class_ids: np.ndarray
+    images: ImageColumns
+
+    def __len__(self) -> int:
+        return len(self.tile_ids)
+
+
+TABLE_CHUNK = 20_000
+
+
+def tile_table(ws: Workspace, engine: Engine, split: str = "train", tile_ids: Sequence[int] | None = None
+               ) -> TileTable:
+    """Every tile of ``split`` (or exactly ``tile_ids``, in that order) as a ``TileTable``.
+
+    Rows are streamed from the database in chunks, so not even the query result is held as
+    Python objects; a tile id that is gone is a clear error.
+    """
+    classes = list(ws.settings.classes)
+    index = {c: i for i, c in enumerate(classes)}
+    ids, cls, locations = [], [], []
+    with Session(engine) as s:
+        result = s.exec(_split_query(ws, split).execution_options(yield_per=TABLE_CHUNK))
+        for chunk in result.partitions(TABLE_CHUNK):
+            ids.append(np.fromiter((r[0] for r in chunk), np.int64, len(chunk)))
+            cls.append(np.fromiter((index[r[1]] for r in chunk), np.int64, len(chunk)))
+            locations.append(ImageColumns(ws.root, [tuple(r[2:]) for r in chunk], ws.settings.tile_size))
+    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    all_cls = np.concatenate(cls) if cls else np.zeros(0, np.int64)
+    _check_split_classes(ws, split, {classes[i] for i in np.unique(all_cls)}, len(all_ids))
+    images = ImageColumns.concatenate(locations)
+    if tile_ids is not None:
+        want = np.asarray(tile_ids, np.int64)
+        pos = np.searchsorted(all_ids, want)  # ids come ordered by id
+        found = (pos < len(all_ids)) & (all_ids[np.minimum(pos, len(all_ids) - 1)] == want)
+        if not found.all():
+            raise PathloopError(f"{split} tile {int(want[~found][0])} is no longer in the workspace")
+        all_ids, all_cls, images = all_ids[pos], all_cls[pos], images.take(pos)
+    return TileTable(all_ids, all_cls, images)
 
 
 def sample_seed(base_seed: int, class_name: str, index: int) -> int:

@@ -66,13 +66,21 @@ class Slide(SQLModel, table=True):
 
 
 class Image(SQLModel, table=True):
-    """One content-addressed PNG under the workspace's images/ folder."""
+    """One content-addressed image: a PNG under images/, or a record in a tile shard (store/images.py).
+
+    ``path`` is always the PNG's content address; for a shard image the file exists only once
+    something needed a PNG of it. ``shard``/``offset``/``length``/``codec`` locate its bytes.
+    """
 
     id: int | None = Field(default=None, primary_key=True)
     sha256: str = Field(unique=True, index=True)
     width: int
     height: int
     path: str
+    shard: str | None = None
+    offset: int | None = Field(default=None, sa_type=BigInteger)
+    length: int | None = None
+    codec: str = Field(default="png", sa_column_kwargs={"server_default": "png"})
 
 
 class Tile(SQLModel, table=True):
@@ -149,6 +157,10 @@ class Annotator(SQLModel, table=True):
     # processes (store/accounts.py).
     failed_logins: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     last_failed_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    # Queue state, caches like Sample.current_ratings (store/judgments.py keeps them in step):
+    # items judged (judgments that supersede nothing: the queue position) and current judgments.
+    judged_items: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    current_judgments: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
 class Lease(SQLModel, table=True):
@@ -172,8 +184,9 @@ class Judgment(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("annotator_id", "request_id", name="uq_judgment_request"),
         CheckConstraint("(sample_id IS NULL) <> (tile_id IS NULL)", name="one_item"),
-        # Also covers progress()'s pass over one annotator's judgments (no table look-ups).
         Index("ix_judgment_annotator_sample", "annotator_id", "sample_id", "verdict", "created_at", "id"),
+        # progress(): the part of an hour before a round began (see RaterHourTally).
+        Index("ix_judgment_annotator_created", "annotator_id", "created_at"),
         Index("ix_judgment_annotator_tile", "annotator_id", "tile_id"),
         Index("ix_judgment_annotator_supersedes", "annotator_id", "supersedes_id"),
     )
@@ -191,6 +204,64 @@ class Judgment(SQLModel, table=True):
     supersedes_id: int | None = Field(default=None, foreign_key="judgment.id", index=True, unique=True)
     created_at: datetime = _created()
 
+
+
+# -- Tallies: counts that queue.progress reads instead of counting rows ----------------------
+# Caches, like Sample.current_ratings. The sample and tile tallies are kept by triggers on
+# those tables (migration 0004), so every way of adding rows keeps them; the per-annotator
+# ones by store/judgments.py in the transaction that writes the judgment. recount_ratings
+# rebuilds them all. No foreign keys: a tally row is not a fact to protect.
+
+class SampleTally(SQLModel, table=True):
+    """How many samples have ``current_ratings`` = this value."""
+
+    __tablename__ = "sample_tally"
+
+    current_ratings: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    samples: int = 0
+
+
+class TileTally(SQLModel, table=True):
+    """How many real tiles there are of one split and class."""
+
+    __tablename__ = "tile_tally"
+
+    split: str = Field(primary_key=True)
+    class_name: str = Field(primary_key=True)
+    tiles: int = 0
+
+
+class RaterRatingTally(SQLModel, table=True):
+    """An annotator's current judgments on samples that have ``current_ratings`` = this value
+    (a sample's rating count moves every current judgment on it to another row)."""
+
+    __tablename__ = "rater_rating_tally"
+
+    annotator_id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    current_ratings: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    judgments: int = 0
+
+
+class RaterHourTally(SQLModel, table=True):
+    """An annotator's current judgments created in one UTC hour (``hour``: hours since 1970)."""
+
+    __tablename__ = "rater_hour_tally"
+
+    annotator_id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    hour: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    judgments: int = 0
+
+
+class RaterControlTally(SQLModel, table=True):
+    """How many distinct real tiles of one split and class an annotator has judged (ever:
+    a retracted judgment still counts, as a control is never given twice)."""
+
+    __tablename__ = "rater_control_tally"
+
+    annotator_id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    split: str = Field(primary_key=True)
+    class_name: str = Field(primary_key=True)
+    tiles: int = 0
 
 class RewardVersion(SQLModel, table=True):
     """A trained reward model folder and what it was trained on."""

@@ -20,6 +20,7 @@ from sqlmodel import Session, select
 from store import versions
 from store.db import write_session
 from store.errors import PathloopError
+from store.images import ShardSlot, locate, location_columns
 from store.judgments import DECISIVE, is_current
 from store.models import Image, Judgment, RewardScore, RewardVersion, Sample, Tile, utcnow
 from store.workspace import Workspace
@@ -134,7 +135,7 @@ def current_decisive_count(engine: Engine) -> int:
 class RealTile:
     tile_id: int
     image_id: int
-    path: Path
+    path: Path | ShardSlot
     class_name: str
     split: str
 
@@ -142,10 +143,33 @@ class RealTile:
 def real_tiles(ws: Workspace, engine: Engine) -> list[RealTile]:
     """Every real tile of a workspace class, by id."""
     with Session(engine) as s:
-        rows = s.exec(select(Tile.id, Tile.image_id, Image.path, Tile.class_name, Tile.split)
+        rows = s.exec(select(Tile.id, Tile.image_id, Tile.class_name, Tile.split, *location_columns())
                       .join(Image, Image.id == Tile.image_id)
                       .where(Tile.class_name.in_(ws.settings.classes)).order_by(Tile.id)).all()
-    return [RealTile(tid, iid, ws.root / path, cls, split) for tid, iid, path, cls, split in rows]
+    return [RealTile(tid, iid, locate(ws.root, *loc), cls, split) for tid, iid, cls, split, *loc in rows]
+
+
+def real_tile_ids(ws: Workspace, engine: Engine) -> dict[tuple[str, str], list[int]]:
+    """(split, class) → ids of its real tiles, ascending; ids only, streamed, for sampling from a cohort."""
+    out: dict[tuple[str, str], list[int]] = {}
+    with Session(engine) as s:
+        rows = s.exec(select(Tile.split, Tile.class_name, Tile.id).where(Tile.class_name.in_(ws.settings.classes))
+                      .order_by(Tile.id).execution_options(yield_per=20_000))
+        for split, cls, tid in rows:
+            out.setdefault((split, cls), []).append(tid)
+    return out
+
+
+def tiles_by_id(ws: Workspace, engine: Engine, tile_ids: Iterable[int]) -> list[RealTile]:
+    """The real tiles with these ids, by id."""
+    ids, out = sorted(set(tile_ids)), []
+    with Session(engine) as s:
+        for i in range(0, len(ids), 500):
+            rows = s.exec(select(Tile.id, Tile.image_id, Tile.class_name, Tile.split, *location_columns())
+                          .join(Image, Image.id == Tile.image_id).where(Tile.id.in_(ids[i:i + 500]))
+                          .order_by(Tile.id)).all()
+            out += [RealTile(tid, iid, locate(ws.root, *loc), cls, split) for tid, iid, cls, split, *loc in rows]
+    return out
 
 
 @dataclass(frozen=True)

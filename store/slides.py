@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from PIL import Image
 from skimage import color, filters
 
 from store.errors import PathloopError
-from store.images import EncodedImage, encode
+from store.images import StoredTile, decode_shard_record, encode_for_shard, pixel_sha256
 from store.regions import load_regions, region_coverage
 
 __all__ = [
@@ -330,43 +328,131 @@ def assign_block_splits(specs, seed: int, fractions=(0.7, 0.15, 0.15)) -> list[t
     return [(s, SPLIT_NAMES[k]) for s, k, kept in zip(specs, best_split, best_keep) if kept]
 
 
-_worker_slide: openslide.OpenSlide | None = None
-_worker_path = ""
+class _NativeLevel:
+    """One level of a tiled TIFF read as its own tiles, without OpenSlide (tifffile + imagecodecs).
+
+    Used only where a grid tile is exactly one native tile; a slide's first tiles are checked
+    against OpenSlide before it is trusted (``_native_level``). JPEG tiles are kept as the
+    slide's own bytes (the JPEG tables merged in), so they are neither decoded twice nor
+    re-encoded; other codecs are decoded and stored as zstd.
+    """
+
+    def __init__(self, path: str, page, downsample: int):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.page, self.downsample = page, downsample
+        self.tile_w, self.tile_h = page.tilewidth, page.tilelength
+        self.width, self.height = page.imagewidth, page.imagelength
+        self.across = math.ceil(self.width / self.tile_w)
+        self.offsets, self.counts = page.dataoffsets, page.databytecounts
+        self.jpeg = page.compression == 7  # TIFF COMPRESSION.JPEG
+        self.codec = "jpeg" if page.photometric == 6 else "jpeg-rgb"  # 6: YCbCr
+        tables = page.jpegtables
+        self.tables = bytes(tables)[:-2] if self.jpeg and tables else b""  # without its EOI
+
+    def index_of(self, spec: TileSpec, out_size: int) -> int | None:
+        """The native tile that is exactly this grid tile, or None."""
+        d, t = self.downsample, self.tile_w
+        if spec.read_size != out_size or spec.read_size != t or self.tile_h != t:
+            return None
+        if spec.x % (d * t) or spec.y % (d * t):
+            return None
+        col, row = spec.x // (d * t), spec.y // (d * t)
+        if (col + 1) * t > self.width or (row + 1) * t > self.height:
+            return None
+        return row * self.across + col
+
+    def read(self, index: int) -> StoredTile:
+        raw = os.pread(self.fd, int(self.counts[index]), int(self.offsets[index]))
+        if self.jpeg:
+            data = self.tables + raw[2:] if self.tables else raw  # tables + tile without its SOI
+            rgb = decode_shard_record(data, self.codec, self.tile_w, self.tile_h)
+            return StoredTile(pixel_sha256(rgb), self.tile_w, self.tile_h, self.codec, data)
+        rgb, _, _ = self.page.decode(raw, index, jpegtables=self.page.jpegtables)
+        return encode_for_shard(np.ascontiguousarray(rgb.reshape(self.tile_h, self.tile_w, -1)[..., :3]))
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
-def _open_worker(path: str) -> None:
-    global _worker_slide, _worker_path
-    _worker_slide, _worker_path = open_slide(path), path
+NATIVE_CHECKS = 3
 
 
-def _read_one(slide, path, spec: TileSpec, out_size: int) -> EncodedImage:
+def _native_level(path: str, slide: openslide.OpenSlide, specs: list[TileSpec], out_size: int
+                  ) -> _NativeLevel | None:
+    """A native reader for the specs' level when the file allows it and agrees with OpenSlide, else None."""
+    if not specs or slide.properties.get(openslide.PROPERTY_NAME_VENDOR) not in ("generic-tiff", "aperio"):
+        return None
+    level = specs[0].level
+    ds = slide.level_downsamples[level]
+    if abs(ds - round(ds)) > 1e-9:
+        return None
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            pages = [p for p in tif.pages if p.is_tiled and (p.imagewidth, p.imagelength)
+                     == tuple(slide.level_dimensions[level])]
+            if len(pages) != 1:
+                return None
+            page = pages[0]
+            if (page.bitspersample != 8 or page.samplesperpixel != 3 or page.planarconfig != 1
+                    or page.photometric not in (2, 6) or page.is_subsampled and page.compression != 7):
+                return None
+            native = _NativeLevel(path, page, round(ds))
+    except Exception:  # an unusual TIFF: OpenSlide reads it as before
+        return None
+    eligible = [s for s in specs if native.index_of(s, out_size) is not None]
+    if len(eligible) < len(specs) // 2:
+        native.close()
+        return None
+    # Trust the native reader only where its pixels are OpenSlide's, on tiles across the slide.
+    # An RGB-photometric JPEG may hold RGB or YCbCr components (vendors differ): try both.
+    picks = sorted({0, len(eligible) // 2, len(eligible) - 1})[:NATIVE_CHECKS]
+    theirs = [_read_one(slide, path, eligible[k], out_size).sha256 for k in picks]
+    for codec in ([native.codec, "jpeg"] if native.codec == "jpeg-rgb" else [native.codec]):
+        native.codec = codec
+        try:
+            if [native.read(native.index_of(eligible[k], out_size)).sha256 for k in picks] == theirs:
+                return native
+        except Exception:  # noqa: S112 (a codec that fails here is one that disagrees)
+            continue
+    native.close()
+    return None
+
+
+def _rgb_of(region: Image.Image) -> np.ndarray:
+    """RGBA from OpenSlide → RGB; transparent pixels (outside the scanned area) become white, like glass."""
+    rgba = np.asarray(region)
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    rgb = Image.new("RGB", region.size, "white")
+    rgb.paste(region, mask=region.getchannel("A"))
+    return np.asarray(rgb)
+
+
+def _read_one(slide, path, spec: TileSpec, out_size: int) -> StoredTile:
     try:
         region = slide.read_region((spec.x, spec.y), spec.level, (spec.read_size, spec.read_size))
     except openslide.OpenSlideError as e:
         raise PathloopError(
             f"{path}: reading the tile at ({spec.x}, {spec.y}) level {spec.level} failed: {e}"
         ) from None
-    # Transparent pixels (outside the scanned area) become white, like glass.
-    rgb = Image.new("RGB", region.size, "white")
-    rgb.paste(region, mask=region.getchannel("A"))
+    rgb = _rgb_of(region)
     if spec.read_size != out_size:
-        rgb = rgb.resize((out_size, out_size), Image.Resampling.LANCZOS)
-    return encode(np.asarray(rgb))
-
-
-def _read_chunk(args) -> list[EncodedImage]:
-    specs, out_size = args
-    return [_read_one(_worker_slide, _worker_path, s, out_size) for s in specs]
+        rgb = np.asarray(Image.fromarray(rgb).resize((out_size, out_size), Image.Resampling.LANCZOS))
+    return encode_for_shard(rgb)
 
 
 def read_tiles(
-    path, specs, *, out_size: int, workers: int | None = 1, chunk: int = 64
-) -> Iterator[tuple[TileSpec, EncodedImage]]:
-    """Read, resize to ``out_size`` and encode each tile, yielding ``(spec, image)`` in input order.
+    path, specs, *, out_size: int, workers: int | None = 1, chunk: int = 32
+) -> Iterator[tuple[TileSpec, StoredTile]]:
+    """Read, resize to ``out_size``, hash and encode each tile for a shard, yielding ``(spec, tile)`` in input order.
 
-    ``workers`` > 1 reads chunks of ``chunk`` tiles in that many spawned processes, each with
-    its own OpenSlide handle (0 or None: one per CPU); hashing and PNG encoding happen there
-    too. A single chunk is read in this process, where it is faster than starting workers.
+    A grid tile that is exactly one native tile of a tiled TIFF/SVS is read from the file
+    directly (its JPEG bytes kept as they are); any other through OpenSlide. ``workers``
+    threads (0 or None: one per CPU) read chunks of ``chunk`` tiles: OpenSlide, the codecs and
+    hashing release the GIL, so threads scale without the start-up and pickling of processes.
     """
     if out_size < 1:
         raise PathloopError(f"out_size {out_size} must be positive")
@@ -374,43 +460,43 @@ def read_tiles(
         raise PathloopError(f"chunk {chunk} must be positive")
     specs = list(specs)
     workers = workers or os.cpu_count() or 1
-    # Opened here even for workers: a bad file must fail now, not in a pool initializer
-    # (which the pool would restart forever).
-    slide = open_slide(path)
-    if workers == 1 or len(specs) <= chunk:
-        return _read_here(slide, str(path), specs, out_size)
-    slide.close()
-    return _read_in_pool(str(path), specs, out_size, workers, chunk)
+    slide = open_slide(path)  # a bad file fails now, before the first tile is asked for
+    return _read(slide, str(path), specs, out_size, workers, chunk)
 
 
-def _read_here(
-    slide, path: str, specs: list[TileSpec], out_size: int
-) -> Iterator[tuple[TileSpec, EncodedImage]]:
+def _read(slide, path: str, specs: list[TileSpec], out_size: int, workers: int, chunk: int):
+    native = _native_level(path, slide, specs, out_size)
+
+    def read_chunk(chunk_specs: list[TileSpec]) -> list[StoredTile]:
+        out = []
+        for spec in chunk_specs:
+            index = native.index_of(spec, out_size) if native is not None else None
+            out.append(native.read(index) if index is not None else _read_one(slide, path, spec, out_size))
+        return out
+
     try:
-        for spec in specs:
-            yield spec, _read_one(slide, path, spec, out_size)
-    finally:
-        slide.close()
-
-
-def _read_in_pool(path: str, specs: list[TileSpec], out_size: int, workers: int, chunk: int):
-    chunks = [specs[i : i + chunk] for i in range(0, len(specs), chunk)]
-    # spawn: forking a parent that holds torch or OpenSlide threads can deadlock. An executor,
-    # not multiprocessing.Pool: a worker that dies (say, on import) raises BrokenProcessPool
-    # here instead of being restarted forever.
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx, initializer=_open_worker,
-                             initargs=(path,)) as pool:
-        # A bounded window rather than map: map runs ahead of a slow consumer (the database)
-        # and would hold every encoded tile of the slide in memory.
-        pending = deque()
-        try:
-            for chunk_specs in chunks:
-                pending.append((chunk_specs, pool.submit(_read_chunk, (chunk_specs, out_size))))
-                if len(pending) > 2 * workers:
+        if workers == 1 or len(specs) <= chunk:
+            for spec in specs:
+                yield spec, read_chunk([spec])[0]
+            return
+        chunks = [specs[i : i + chunk] for i in range(0, len(specs), chunk)]
+        with ThreadPoolExecutor(min(workers, len(chunks)), thread_name_prefix="pathloop-tiles") as pool:
+            # A bounded window rather than map: map runs ahead of a slow consumer (the shard
+            # writer, the database) and would hold every encoded tile of the slide in memory.
+            pending = deque()
+            try:
+                for chunk_specs in chunks:
+                    pending.append((chunk_specs, pool.submit(read_chunk, chunk_specs)))
+                    if len(pending) > 2 * workers:
+                        done, future = pending.popleft()
+                        yield from zip(done, future.result())
+                while pending:
                     done, future = pending.popleft()
                     yield from zip(done, future.result())
-            for done, future in pending:
-                yield from zip(done, future.result())
-        except BrokenProcessPool as e:
-            raise PathloopError(f"{path}: a tile-reading worker process died ({e}); retry with --workers 1") from None
+            finally:
+                for _, future in pending:
+                    future.cancel()
+    finally:
+        if native is not None:
+            native.close()
+        slide.close()

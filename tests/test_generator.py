@@ -289,3 +289,47 @@ def test_tracker_logging_with_tensorboard(gen_ws):
     pretrain(ws, engine, tiny(log_with="tensorboard", run_name="logged"), progress=False)
     events = list((ws.runs_dir / "logged" / "logs").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_data_workers_change_nothing_but_speed(gen_ws):
+    ws, engine = gen_ws
+    here = pretrain(ws, engine, tiny(train_steps=3, data_workers=0, run_name="here"), progress=False)
+    ahead = pretrain(ws, engine, tiny(train_steps=3, data_workers=2, run_name="ahead"), progress=False)
+    a, b = weights(ws, here), weights(ws, ahead)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_reads_shard_tiles_without_holding_them(tmp_path):
+    from finetune.data import TileSet
+    from pathloop.demo import write_large_pyramid
+    from store.generators import tile_table, training_tiles
+    from store.images import load_rgb
+    from store.ingest import ingest_slides
+
+    ws = Workspace.create(tmp_path / "ws", Settings(classes=["tissue"], tile_size=SIZE))
+    engine = make_engine(ws.database_url)
+    upgrade(engine)
+    slide = write_large_pyramid(tmp_path / "s.tif", size=512, tile=256)
+    ingest_slides(ws, engine, [slide], class_name="tissue", workers=2)
+    table = tile_table(ws, engine, "train")
+    refs = training_tiles(ws, engine, "train")
+    assert table.tile_ids.tolist() == [r.tile_id for r in refs] and len(table) > 100
+    data = TileSet(table.images, table.class_ids)
+    picks = np.array([0, len(data) // 2, len(data) - 1])
+    batch = data.batch(picks)
+    assert batch.shape == (3, 3, SIZE, SIZE) and batch.dtype == torch.uint8
+    for k, i in enumerate(picks):
+        assert np.array_equal(batch[k].permute(1, 2, 0).numpy(), load_rgb(refs[i].path, SIZE))
+    # Columns of ids and byte ranges, not pixels: far less than one tile's pixels per tile.
+    held = sum(v.nbytes for v in vars(table.images).values() if isinstance(v, np.ndarray))
+    assert held < len(table) * 32 < len(table) * SIZE * SIZE * 3
+    # A subset by id, in the order asked; a gone id is a clear error.
+    some = tile_table(ws, engine, "train", tile_ids=[int(table.tile_ids[5]), int(table.tile_ids[2])])
+    assert some.tile_ids.tolist() == [table.tile_ids[5], table.tile_ids[2]]
+    assert np.array_equal(some.images.read(0), table.images.read(5))
+    with pytest.raises(PathloopError, match="train tile 999999 is no longer in the workspace"):
+        tile_table(ws, engine, "train", tile_ids=[999999])
+    version = pretrain(ws, engine, PretrainConfig(train_steps=2, train_batch_size=4, train_lr_warmup_steps=0,
+                                                  run_name="shards"), progress=False)
+    assert version is not None and version.config["train_tiles"] == len(table)
+    engine.dispose()

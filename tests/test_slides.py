@@ -9,7 +9,9 @@ import tifffile
 from skimage import data
 
 from pathloop.demo import write_demo_slide, write_large_pyramid
-from store.errors import PathloopError
+from store import slides as slides_module
+from store.errors import PathloopError, PathloopWarning
+from store.images import decode_shard_record, pixel_sha256
 from store.slides import (
     assign_block_splits,
     load_regions,
@@ -170,7 +172,8 @@ def test_load_regions_accepts_plain_string_classes_and_repairs_bowties(tmp_path)
         '[{"type": "Feature", "properties": {"classification": "tumour"},'
         ' "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [0, 10], [10, 10], [0, 0]]]}}]'
     )
-    [(name, geometry)] = load_regions(path)
+    with pytest.warns(PathloopWarning, match="feature 0 .* repaired"):
+        [(name, geometry)] = load_regions(path)
     assert name == "tumour" and geometry.is_valid and geometry.area == pytest.approx(50)
 
 
@@ -203,3 +206,54 @@ def test_write_demo_slide_refuses_bad_targets(tmp_path):
     with pytest.raises(PathloopError, match=r"demo.png must end in .tif or .tiff"):
         write_demo_slide(tmp_path / "demo.png")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- native tiles: read from the TIFF itself where a grid tile is one native tile
+
+def _openslide_pixels(path, spec):
+    slide = openslide.OpenSlide(str(path))
+    try:
+        return np.asarray(slide.read_region((spec.x, spec.y), spec.level, (spec.read_size,) * 2).convert("RGB"))
+    finally:
+        slide.close()
+
+
+@pytest.mark.parametrize("compression, codec", [("jpeg", "jpeg"), ("zlib", "zstd")])
+def test_native_tiles_equal_openslide_pixels(tmp_path, compression, codec):
+    path = write_large_pyramid(tmp_path / f"{compression}.tif", size=1536, tile=256, compression=compression)
+    specs = plan_tiles(path, tile_size=256, class_name="tissue", min_tissue=0.0)
+    at_1 = plan_tiles(path, tile_size=256, level=1, class_name="tissue", min_tissue=0.0)
+    for plan in (specs, at_1):
+        tiles = list(read_tiles(path, plan, out_size=256, workers=2, chunk=4))
+        assert {t.codec for _, t in tiles} == {codec}
+        for spec, tile in tiles:
+            theirs = _openslide_pixels(path, spec)
+            mine = decode_shard_record(tile.data, tile.codec, tile.width, tile.height)
+            assert np.array_equal(mine, theirs), (spec.x, spec.y, spec.level)
+            assert tile.sha256 == pixel_sha256(theirs)
+    if compression == "jpeg":  # the slide's own JPEG bytes, stored as they are: a standalone JPEG file
+        raw = tiles[0][1].data
+        assert raw[:2] == b"\xff\xd8" and len(raw) < 256 * 256 * 3 / 4
+
+
+def test_native_tiles_fall_back_to_openslide_when_pixels_differ(tmp_path, monkeypatch):
+    path = write_large_pyramid(tmp_path / "j.tif", size=1024, tile=256)
+    specs = plan_tiles(path, tile_size=256, class_name="tissue", min_tissue=0.0)
+    real = slides_module.decode_shard_record
+    monkeypatch.setattr(slides_module, "decode_shard_record", lambda *a: real(*a) ^ 1)  # a decoder that disagrees
+    tiles = list(read_tiles(path, specs, out_size=256, workers=1))
+    assert {t.codec for _, t in tiles} == {"zstd"}  # every tile read through OpenSlide instead
+    for spec, tile in tiles[:3]:
+        assert tile.sha256 == pixel_sha256(_openslide_pixels(path, spec))
+
+
+def test_unaligned_grids_read_through_openslide(tmp_path):
+    path = write_large_pyramid(tmp_path / "j.tif", size=1024, tile=256)
+    for kwargs in ({"tile_size": 128}, {"tile_size": 256, "stride": 128}):
+        specs = plan_tiles(path, class_name="tissue", min_tissue=0.0, **kwargs)
+        tiles = list(read_tiles(path, specs, out_size=kwargs["tile_size"], workers=2))
+        codecs = Counter(t.codec for _, t in tiles)
+        aligned = sum(s.x % 256 == 0 and s.y % 256 == 0 and s.read_size == 256 for s in specs)
+        assert codecs.get("jpeg", 0) in (0, aligned) and sum(codecs.values()) == len(specs)
+        for spec, tile in tiles[:: max(1, len(tiles) // 5)]:
+            assert tile.sha256 == pixel_sha256(_openslide_pixels(path, spec))
