@@ -1,18 +1,23 @@
 """The one ``pathloop`` command: every subcommand of the loop, for people and schedulers.
 
 Bad input raises ``PathloopError``; ``main`` prints it as one line on stderr and exits 1,
-so scripts and cron see a non-zero status with a reason.
+so scripts and cron see a non-zero status with a reason. A bad option or value is one line
+too (exit 2, as argparse), and a ``PathloopWarning`` (input repaired, e.g. a self-intersecting
+region) is one ``pathloop: warning: ...`` line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import unicodedata
+import warnings
 from pathlib import Path
 
-from store.errors import PathloopError
+from store.errors import PathloopError, PathloopWarning
 
 DESCRIPTION = """pathloop: pathologist-in-the-loop synthetic histology.
 
@@ -21,8 +26,15 @@ tiles; pathologists rate generated tiles in the browser; a reward model learns t
 judgments; reward-weighted fine-tuning closes the loop."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one line per bad option or value (the usage is in ``--help``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _workspace_parent() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)
     p.add_argument(
         "--workspace", "-w", metavar="DIR", default=None,
         help="workspace folder (default: $PATHLOOP_WORKSPACE, else the current folder)",
@@ -30,14 +42,57 @@ def _workspace_parent() -> argparse.ArgumentParser:
     return p
 
 
-def _positive_int(text: str) -> int:
+def _whole(text: str) -> int:
     try:
-        v = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _positive_int(text: str) -> int:
+    v = _whole(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"{text} must be >= 1")
     return v
+
+
+def _nonnegative_int(text: str) -> int:
+    v = _whole(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a number > 0")
+    return v
+
+
+SEED_MAX = 2**32 - 1  # numpy's and accelerate's set_seed range
+
+
+def _seed(text: str) -> int:
+    v = _whole(text)
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is not a seed; expected a whole number from 0 to {SEED_MAX}")
+    return v
+
+
+def _port(text: str) -> int:
+    v = _whole(text)
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port; expected 1 to 65535")
+    return v
+
+
+def _class_list(text: str) -> list[str]:
+    """``A,B`` as class names, compared NFC-normalised like ``pathloop.toml`` (store.workspace.class_key)."""
+    return [unicodedata.normalize("NFC", c.strip()) for c in text.split(",") if c.strip()]
 
 
 def _open(args):
@@ -73,7 +128,7 @@ def cmd_init(args) -> int:
     from store.db import connect_check, make_engine, safe_url, upgrade
     from store.workspace import SQLITE_FILE, Settings, Workspace
 
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else []
+    classes = _class_list(args.classes) if args.classes else []
     settings = Settings(classes=classes, tile_size=args.tile_size, database_url=args.database_url or "")
     root = Path(args.dir).expanduser().resolve()
     url = os.environ.get("PATHLOOP_DATABASE_URL") or settings.database_url or f"sqlite:///{root / SQLITE_FILE}"
@@ -126,7 +181,7 @@ def cmd_ingest(args) -> int:
 
     ws, engine = _open(args)
     results = ingest_slides(
-        ws, engine, args.slides, class_name=args.class_name,
+        ws, engine, args.slides, class_name=unicodedata.normalize("NFC", args.class_name) if args.class_name else None,
         labels=Path(args.labels) if args.labels else None,
         regions=Path(args.regions) if args.regions else None,
         tile_size=args.tile_size, level=args.level, mpp=args.mpp, stride=args.stride,
@@ -195,14 +250,14 @@ def cmd_generate(args) -> int:
     gen = load_generator(ws, engine, _generator_id(engine, args.model))
     settings.check(gen.scheduler_config["num_train_timesteps"])
     r = generate_into_store(ws, engine, gen, per_class=args.per_class, settings=settings, seed=args.seed,
-                            classes=args.classes.split(",") if args.classes else None, round_number=args.round,
+                            classes=_class_list(args.classes) if args.classes else None, round_number=args.round,
                             progress=_counter("generate"))
     print(f"generator version {gen.id}: {r.generated} samples generated, {r.skipped} already there "
           f"({settings.sampler}, {settings.steps} steps, guidance {settings.guidance:g}, seed {args.seed})")
     return 0
 
 
-def _generator_id(engine, text: str) -> int:
+def _generator_id(engine, text: str, flag: str = "--model") -> int:
     """A generator version id, or ``latest`` for the newest one."""
     from store.generators import list_generators
 
@@ -214,7 +269,7 @@ def _generator_id(engine, text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise PathloopError(f"--model {text!r}; expected a generator version id or 'latest'") from None
+        raise PathloopError(f"{flag} {text!r}; expected a generator version id or 'latest'") from None
 
 
 def cmd_finetune(args) -> int:
@@ -282,6 +337,9 @@ def cmd_train_reward(args) -> int:
 
     ws, engine = _open(args)
     cfg = RewardConfig(**_dataclass_args(args, RewardConfig))
+    if cfg.backbone_weights and not Path(cfg.backbone_weights).expanduser().is_file():
+        raise PathloopError(f"--weights {cfg.backbone_weights}: no such file; expected a local safetensors file "
+                            f"or timm checkpoint")  # before the judgments are gathered
     v = train_reward(ws, engine, cfg)
     if v is not None:
         m = v.metrics
@@ -337,8 +395,27 @@ def cmd_annotate(args) -> int:
     from store.workspace import Workspace
 
     ws = Workspace.open(args.workspace)
+    _check_listen(args.host, args.port)
     print(f"serving the rating app for {ws.root} at http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
     return serve(ws.root, args.host, args.port)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Refuse a host this machine cannot listen on, or a port in use, before Streamlit starts."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise PathloopError(f"--host {host!r} is not an address to listen on: "
+                            f"{getattr(e, 'strerror', None) or e}") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Streamlit's server does
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise PathloopError(f"cannot serve on {host}:{port}: {e.strerror or e}"
+                                + (" (another app is there; pick another --port)" if e.errno == 98 else "")) from None
 
 
 def _read_password(args) -> str | None:
@@ -399,8 +476,7 @@ def cmd_export(args) -> int:
 
         copies = copy_flags(ws)  # the manifest says which samples an evaluation checked, and what it found
         model = _generator_id(engine, args.model) if args.model else None
-        out = Path(args.out) if args.out else ws.root / "exports" / f"samples-{_stamp()}"
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out = Path(args.out) if args.out else _exports_dir(ws) / f"samples-{_stamp()}"
         kept, left_out = export_samples(ws, engine, out, generator_id=model, copies=copies,
                                         exclude_copies=args.exclude_copies)
         print(f"wrote {kept} samples to {out} (manifest.csv)" + (f"; left out {left_out} flagged as copies of real "
@@ -409,11 +485,20 @@ def cmd_export(args) -> int:
     if args.model or args.exclude_copies:
         raise PathloopError("--model and --exclude-copies apply to `export samples`, not `export judgments`")
     fmt = args.format
-    out = Path(args.out) if args.out else ws.root / "exports" / f"judgments.{ {'jsonl': 'jsonl'}.get(fmt, fmt) }"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else _exports_dir(ws) / f"judgments.{fmt}"
     n = export_judgments(engine, out, fmt)
     print(f"wrote {n} judgments to {out}")
     return 0
+
+
+def _exports_dir(ws) -> Path:
+    """WORKSPACE/exports, created on first use (an explicit --out must name an existing folder)."""
+    folder = ws.root / "exports"
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as e:
+        raise PathloopError(f"cannot create {folder}: {e.strerror or e}") from None
+    return folder
 
 
 def _stamp() -> str:
@@ -483,7 +568,7 @@ def cmd_evaluate(args) -> int:
     ws, engine = _open(args)
     cfg = EvaluateConfig(**_dataclass_args(args, EvaluateConfig))
     model = None if args.model in (None, "current") else _generator_id(engine, args.model)
-    against = [_generator_id(engine, a) for a in args.against] if args.against else None
+    against = [_generator_id(engine, a, "--against") for a in args.against] if args.against else None
     r = evaluate(ws, engine, cfg, model=model, against=against)
     print(r.table)
     print(f"wrote {r.folder} (metrics.csv, metrics.json, copies.csv, plausibility.png, trends.png); "
@@ -505,6 +590,8 @@ def _add_dataclass_options(p: argparse.ArgumentParser, cls, aliases: dict[str, l
         flags = [f"--{f.name.replace('_', '-')}", *aliases.get(f.name, [])]
         default = f.default if f.default is not dataclasses.MISSING else None
         kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(str(f.type).split(" |")[0], str)
+        if f.name == "seed":
+            kind = _seed
         if kind is _bool and default is False:  # an opt-in switch: --flag, no value
             p.add_argument(*flags, dest=f.name, action="store_const", const=True, default=None,
                            help=f.metadata.get("help", ""))
@@ -526,8 +613,7 @@ def _bool(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     ws = _workspace_parent()
-    parser = argparse.ArgumentParser(prog="pathloop", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="pathloop", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("init", help="create a workspace: pathloop.toml, database, folders",
@@ -565,24 +651,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tile edge read from the slide, in pixels of the level read "
                         "(default: the workspace tile_size); tiles are stored at the workspace tile_size")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--level", type=int, metavar="L", help="pyramid level to read (default 0)")
-    where.add_argument("--mpp", type=float, metavar="M", help="target microns per pixel (needs slide mpp metadata)")
+    where.add_argument("--level", type=_nonnegative_int, metavar="L", help="pyramid level to read (default 0)")
+    where.add_argument("--mpp", type=_positive_float, metavar="M",
+                       help="target microns per pixel (needs slide mpp metadata)")
     p.add_argument("--stride", type=_positive_int, metavar="S", help="grid step in level pixels (default: tile size)")
     p.add_argument("--min-tissue", type=float, default=0.5, metavar="F",
                    help="drop tiles whose tissue fraction is below F (default 0.5)")
     p.add_argument("--split-by", choices=["auto", "slide", "blocks"], default="auto",
                    help="group splits by slide, or by spatial blocks within a slide "
                         "(auto: by slide when 3 or more slides are given)")
-    p.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="worker processes reading tiles (default 0: one per core)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split assignment (default 0)")
+    p.add_argument("--workers", type=_nonnegative_int, default=0, metavar="N",
+                   help="threads reading, hashing and encoding tiles (default 0: one per core)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the split assignment (default 0)")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("import-tiles", help="import an ImageFolder tree of tiles (FOLDER/CLASS/*.png)",
                        parents=[ws], description="Import existing crops: FOLDER/CLASS/*.png, or "
                                                  "FOLDER/{train,val,test}/CLASS/*.png to keep your own splits.")
     p.add_argument("folder", metavar="FOLDER")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split assignment (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the split assignment (default 0)")
     p.set_defaults(func=cmd_import_tiles)
 
     from finetune.config import PretrainConfig
@@ -609,15 +696,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "with its generator version, class, seed, sampler, steps and guidance. Rerunning the same "
                        "call adds nothing; a larger --per-class adds the missing ones.")
     p.add_argument("--model", required=True, metavar="ID", help="generator version id, or 'latest'")
-    p.add_argument("--per-class", type=int, required=True, metavar="N", help="samples per class")
+    p.add_argument("--per-class", type=_positive_int, required=True, metavar="N", help="samples per class")
     p.add_argument("--classes", metavar="A,B", help="only these classes (default: all)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    p.add_argument("--steps", type=int, default=50, metavar="K", help="sampler steps (default 50)")
+    p.add_argument("--steps", type=_positive_int, default=50, metavar="K", help="sampler steps (default 50)")
     p.add_argument("--guidance", type=float, default=1.0, metavar="G",
                    help="classifier-free guidance scale: 1 none, >1 stronger, 0 unconditional (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="base seed; sample i of class c gets its own seed from it")
-    p.add_argument("--batch-size", type=int, default=64, metavar="B")
-    p.add_argument("--round", type=int, metavar="N", help="round number recorded on the samples")
+    p.add_argument("--seed", type=_seed, default=0, help="base seed; sample i of class c gets its own seed from it")
+    p.add_argument("--batch-size", type=_positive_int, default=64, metavar="B")
+    p.add_argument("--round", type=_nonnegative_int, metavar="N", help="round number recorded on the samples")
     p.set_defaults(func=cmd_generate)
 
     from finetune.config import FinetuneConfig
@@ -634,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reward version weighting samples with too few ratings (default current: the newest)")
     _add_dataclass_options(p, FinetuneConfig, {"train_steps": ["--steps"], "train_batch_size": ["--batch-size"],
                                                "train_learning_rate": ["--lr"]})
-    p.add_argument("--round", type=int, metavar="N", help="round number recorded on the new version")
+    p.add_argument("--round", type=_nonnegative_int, metavar="N", help="round number recorded on the new version")
     p.add_argument("--resume", metavar="latest|auto|DIR",
                    help="resume the run from its latest (or a given) checkpoint; auto: resume if it has one")
     p.set_defaults(func=cmd_finetune)
@@ -668,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve the browser app where pathologists rate tiles and admins see progress, "
                                    "agreement and exports.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for a lab)")
-    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--port", type=_port, default=8501, help="port (default 8501)")
     p.set_defaults(func=cmd_annotate)
 
     p = sub.add_parser("users", help="accounts: add, list, disable, enable, password", parents=[ws],
@@ -724,7 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raters", type=_positive_int, default=1, help="simulated raters (default 1)")
     p.add_argument("--max", type=_positive_int, metavar="N", help="at most N ratings per rater (default: until empty)")
     p.add_argument("--noise", type=float, default=0.0, metavar="P", help="share of verdicts flipped (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise and the queue order")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the noise and the queue order")
     p.set_defaults(func=cmd_simulate_expert)
 
     from pathloop.evaluate_config import EvaluateConfig
@@ -748,19 +835,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """A ``PathloopWarning`` as one ``pathloop: warning: ...`` line; any other warning as Python shows it."""
+    if issubclass(category, PathloopWarning):
+        print(f"pathloop: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "users_command", None) not in (None, "list") and not args.username:
-        parser.error(f"users {args.users_command} needs a USERNAME")
-    try:
-        return args.func(args)
-    except PathloopError as e:
-        print(f"pathloop: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("pathloop: interrupted", file=sys.stderr)
-        return 130
+        parser.exit(2, f"pathloop users: error: users {args.users_command} needs a USERNAME "
+                       f"(see `pathloop users --help`)\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", PathloopWarning)
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except PathloopError as e:
+            print(f"pathloop: error: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            # A file or folder the checks did not foresee (unwritable, a file where a folder
+            # should be, disk full): one line naming it, not a traceback.
+            where = f" {e.filename}" if e.filename else ""
+            print(f"pathloop: error: cannot use{where}: {e.strerror or e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("pathloop: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -80,8 +80,16 @@ class RoundOptions:
                      "finetune_batch_size", "finetune_checkpoint_every", "eval_per_class"):
             if getattr(self, name) < 1:
                 raise PathloopError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.beta < 0:
+        if not self.beta >= 0:  # NaN too
             raise PathloopError(f"beta must be >= 0 (got {self.beta})")
+        if self.sampler not in ("ddim", "ddpm"):
+            raise PathloopError(f"sampler must be ddim or ddpm (got {self.sampler!r})")
+        if not 0 <= self.guidance <= 30:
+            raise PathloopError(f"guidance must be from 0 (unconditional) to 30, 1 = no guidance (got {self.guidance})")
+        if not 0 < self.finetune_lr < float("inf"):
+            raise PathloopError(f"finetune_lr must be > 0 (got {self.finetune_lr})")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise PathloopError(f"seed must be a whole number from 0 to {2**32 - 1} (got {self.seed!r})")
         if self.finetune_lr_schedule not in LR_SCHEDULES:
             raise PathloopError(f"finetune_lr_schedule must be constant or cosine (got {self.finetune_lr_schedule!r})")
         if self.weighting not in WEIGHTINGS:

@@ -8,6 +8,7 @@ crash never leaves half an export under the real name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -78,23 +79,42 @@ def export_judgments(engine: Engine, out_path: str | os.PathLike, fmt: str) -> i
     if fmt not in FORMATS:
         raise PathloopError(f"export format {fmt!r}; expected one of: {', '.join(FORMATS)}")
     out = Path(out_path)
-    if not out.parent.is_dir():
-        raise PathloopError(f"cannot write {out}: folder {out.parent} does not exist")
+    check_out_folder(out)
+    if out.is_dir():
+        raise PathloopError(f"cannot write {out}: it is a folder; give a file name such as {out / f'judgments.{fmt}'}")
     df = judgments_frame(engine)
     if df.empty:
         raise PathloopError("no judgments to export yet; rate some tiles first")
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         if fmt == "csv":
-            df.to_csv(tmp, index=False)
+            df.to_csv(tmp, index=False, encoding="utf-8")
         elif fmt == "parquet":
             df.to_parquet(tmp, index=False)
         else:
-            df.to_json(tmp, orient="records", lines=True, date_format="iso", date_unit="us")
+            df.to_json(tmp, orient="records", lines=True, date_format="iso", date_unit="us", force_ascii=False)
         os.replace(tmp, out)
+    except OSError as e:
+        raise PathloopError(f"cannot write {out}: {_reason(e)}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return len(df)
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an output path whose folder is missing or is a file, before anything is written."""
+    parent = out.parent
+    if parent.is_dir():
+        return
+    if parent.exists():
+        raise PathloopError(f"cannot write {out}: {parent} is a file, not a folder")
+    raise PathloopError(f"cannot write {out}: folder {parent} does not exist; create it first or choose another path")
+
+
+def _reason(e: OSError) -> str:
+    """An OSError as a few words (``Permission denied``), without the errno noise."""
+    return e.strerror or str(e) or type(e).__name__
 
 
 SAMPLE_COLUMNS = ["file", "sample_id", "generator_id", "class_name", "seed", "sampler", "steps", "guidance",
@@ -116,8 +136,7 @@ def export_samples(ws, engine: Engine, out_dir: str | os.PathLike, *, generator_
     out = Path(out_dir)
     if out.exists():
         raise PathloopError(f"{out} already exists; choose a new folder for the export")
-    if not out.parent.is_dir():
-        raise PathloopError(f"cannot write {out}: folder {out.parent} does not exist")
+    check_out_folder(out)
     copies = copies or {}
     query = (select(Sample.id, Sample.generator_id, Sample.class_name, Sample.seed, Sample.sampler, Sample.steps,
                     Sample.guidance, Sample.round_number, Image.path, Image.sha256)
@@ -150,8 +169,10 @@ def export_samples(ws, engine: Engine, out_dir: str | os.PathLike, *, generator_
         tmp.mkdir(exist_ok=True)
         frame = pd.DataFrame(manifest, columns=SAMPLE_COLUMNS)
         frame["round_number"] = frame["round_number"].astype("Int64")
-        frame.to_csv(tmp / "manifest.csv", index=False)
+        frame.to_csv(tmp / "manifest.csv", index=False, encoding="utf-8")
         os.replace(tmp, out)
+    except OSError as e:
+        raise PathloopError(f"cannot write {out}: {_reason(e)}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

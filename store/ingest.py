@@ -19,14 +19,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
+from sqlalchemy import insert
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from store import slides
 from store.errors import PathloopError
-from store.images import encode, register_images
-from store.models import SPLITS, Slide, Tile
-from store.workspace import Workspace
+from store.images import ShardWriter, encode, insert_shard_images, register_images, relative_path
+from store.models import SPLITS, Slide, Tile, utcnow
+from store.workspace import Workspace, class_key
 
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
@@ -62,7 +63,8 @@ def read_labels(csv_path: Path, slide_paths: list[Path]) -> dict[Path, str]:
             by_key.setdefault(key, p)
     labels: dict[Path, str] = {}
     try:
-        with open(csv_path, newline="") as f:
+        # utf-8-sig: Excel writes "CSV UTF-8" with a byte-order mark, which would stick to 'slide'.
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or not {"slide", "class"} <= set(reader.fieldnames):
                 raise PathloopError(f"labels file {csv_path}: expected a header with columns 'slide' and 'class'")
@@ -76,7 +78,11 @@ def read_labels(csv_path: Path, slide_paths: list[Path]) -> dict[Path, str]:
                     )
                 labels[by_key[name]] = cls
     except UnicodeDecodeError:
-        raise PathloopError(f"labels file {csv_path} is not a text CSV file") from None
+        with open(csv_path, "rb") as f:
+            if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+                raise PathloopError(f"labels file {csv_path} is UTF-16 (Excel 'Unicode Text'); "
+                                    "save it as 'CSV UTF-8' instead") from None
+        raise PathloopError(f"labels file {csv_path} is not a text CSV file (expected UTF-8)") from None
     missing = [p for p in slide_paths if p not in labels]
     if missing:
         raise PathloopError(f"labels file {csv_path} has no class for slide {missing[0]}")
@@ -115,6 +121,7 @@ def plan_jobs(ws: Workspace, paths: list[Path], *, class_name: str | None, label
             raise PathloopError(f"slide {p} is the same file as {seen[info.sha256]}")
         seen[info.sha256] = p
         cls = class_name if class_name is not None else label_map.get(p)
+        cls = class_key(cls) if cls is not None else None  # NFC, as pathloop.toml's classes
         region_list = None
         if regions is not None:
             rpath = _regions_for(regions, p, len(paths))
@@ -210,22 +217,23 @@ def _write_slide(ws, engine, job: SlideJob, assigned, existing: Slide | None, wh
     if not todo:
         return result
     split_of = {id(spec): split for spec, split in todo}
-    encoded = slides.read_tiles(job.path, [spec for spec, _ in todo], out_size=ws.settings.tile_size,
-                                workers=workers)
+    tiles = slides.read_tiles(job.path, [spec for spec, _ in todo], out_size=ws.settings.tile_size,
+                              workers=workers)
     if progress is not None:
-        encoded = progress(f"{job.path.name}", len(todo))(encoded)
-    written: list[str] = []
+        tiles = progress(f"{job.path.name}", len(todo))(tiles)
+    shard = ShardWriter(ws.root, job.info.sha256[:16])
     try:
-        # Files are written as tiles arrive; only their hashes wait for the commit, so memory
-        # stays flat however large the slide.
+        # Tiles go to the shard as they arrive; only their rows wait for the commit, as plain
+        # tuples, so memory stays small however large the slide.
         rows: list[tuple[slides.TileSpec, str, str]] = []
-        sizes: dict[str, tuple[int, int]] = {}
-        for spec, enc in encoded:
-            rel, new = ws.images.put(enc)
-            if new:
-                written.append(rel)
-            rows.append((spec, split_of[id(spec)], enc.sha256))
-            sizes[enc.sha256] = (enc.width, enc.height)
+        images: dict[str, dict] = {}
+        for spec, tile in tiles:
+            offset, length = shard.append(tile.data)
+            rows.append((spec, split_of[id(spec)], tile.sha256))
+            images.setdefault(tile.sha256, {"sha256": tile.sha256, "width": tile.width, "height": tile.height,
+                                            "path": relative_path(tile.sha256), "offset": offset,
+                                            "length": length, "codec": tile.codec})
+        rel = shard.publish()
         with Session(engine) as s:
             slide = existing or Slide(
                 path=str(job.path.resolve()), sha256=job.info.sha256, vendor=job.info.vendor, mpp=job.info.mpp,
@@ -235,17 +243,19 @@ def _write_slide(ws, engine, job: SlideJob, assigned, existing: Slide | None, wh
                 slide = s.merge(existing)
             s.add(slide)
             s.flush()
-            image_ids = register_images(s, sizes)
-            for spec, split, sha in rows:
-                s.add(Tile(image_id=image_ids[sha], slide_id=slide.id, level=spec.level, x=spec.x, y=spec.y,
-                           extent=spec.extent, tissue=round(float(spec.tissue), 4), class_name=spec.class_name,
-                           split=split))
-                result.per_class[spec.class_name] += 1
-                result.per_split[split] += 1
+            image_ids = insert_shard_images(s, rel, images)
+            s.execute(insert(Tile), [
+                {"image_id": image_ids[sha], "slide_id": slide.id, "level": spec.level, "x": spec.x, "y": spec.y,
+                 "extent": spec.extent, "tissue": round(float(spec.tissue), 4), "class_name": spec.class_name,
+                 "split": split, "created_at": utcnow()}
+                for spec, split, sha in rows])
             s.commit()
+        for spec, split, _ in rows:
+            result.per_class[spec.class_name] += 1
+            result.per_split[split] += 1
         result.tiles_added = len(rows)
     except BaseException:
-        ws.images.remove(written)
+        shard.discard()
         raise
     return result
 
@@ -268,8 +278,9 @@ def import_tiles(ws: Workspace, engine: Engine, folder: Path, seed: int = 0) -> 
         groups = [(None, d) for d in subdirs]
     files = []
     for split, class_dir in groups:
-        _check_class(ws, class_dir.name, f"class folder {class_dir}")
-        files += [(split, class_dir.name, f) for f in sorted(class_dir.iterdir())
+        cls = class_key(class_dir.name)  # macOS writes folder names decomposed (NFD)
+        _check_class(ws, cls, f"class folder {class_dir}")
+        files += [(split, cls, f) for f in sorted(class_dir.iterdir())
                   if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise PathloopError(f"tile folder {folder} holds no images in class subfolders (expected FOLDER/CLASS/*.png)")

@@ -7,9 +7,10 @@ A workspace holds everything a lab owns: ``pathloop.toml``, the SQLite database 
 
 from __future__ import annotations
 
+import contextlib
 import os
-import re
 import tomllib
+import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -35,7 +36,6 @@ DEFAULT_CRITERIA = [
     "wrong class",
 ]
 
-_CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 @dataclass
@@ -53,35 +53,65 @@ class Settings:
 
     def __post_init__(self) -> None:
         check_classes(self.classes)
-        if not isinstance(self.tile_size, int) or not 8 <= self.tile_size <= 4096 or self.tile_size % 8:
+        self.classes = [class_key(c) for c in self.classes]
+        if not _whole(self.tile_size) or not 8 <= self.tile_size <= 4096 or self.tile_size % 8:
             raise PathloopError(f"tile_size = {self.tile_size!r}; expected a multiple of 8 from 8 to 4096")
-        if not isinstance(self.overlap, int) or self.overlap < 1:
+        if not _whole(self.overlap) or self.overlap < 1:
             raise PathloopError(f"overlap = {self.overlap!r}; expected a whole number of ratings >= 1")
-        if not isinstance(self.control_share, (int, float)) or not 0 <= self.control_share < 1:
+        if not _number(self.control_share) or not 0 <= self.control_share < 1:
             raise PathloopError(f"control_share = {self.control_share!r}; expected a share from 0 to below 1")
-        if not isinstance(self.lease_minutes, (int, float)) or self.lease_minutes <= 0:
+        if not _number(self.lease_minutes) or not 0 < self.lease_minutes < float("inf"):
             raise PathloopError(f"lease_minutes = {self.lease_minutes!r}; expected minutes > 0")
-        if not isinstance(self.round_min_judgments, int) or self.round_min_judgments < 1:
+        if not _whole(self.round_min_judgments) or self.round_min_judgments < 1:
             raise PathloopError(
                 f"round_min_judgments = {self.round_min_judgments!r}; expected a whole number >= 1"
             )
         if not isinstance(self.criteria, list) or not all(isinstance(c, str) and c for c in self.criteria):
             raise PathloopError("criteria: expected a list of non-empty strings")
+        if not isinstance(self.database_url, str):
+            raise PathloopError(f"database_url = {self.database_url!r}; expected a URL in quotes, or \"\" for SQLite")
 
     def class_index(self, name: str) -> int:
         """Position of a class in ``classes``; a clear error for an unknown one."""
-        if name not in self.classes:
+        key = class_key(name) if isinstance(name, str) else name
+        if key not in self.classes:
             raise PathloopError(f"unknown class {name!r}; expected one of: {', '.join(self.classes)}")
-        return self.classes.index(name)
+        return self.classes.index(key)
+
+
+def _whole(v) -> bool:
+    """An int in the TOML sense: ``true`` is not 1."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def class_key(name: str) -> str:
+    """A class name as pathloop stores and compares it: NFC-normalised Unicode.
+
+    The same accented name can arrive composed (``é``, most editors) or decomposed (``e`` plus
+    a combining accent: folder names written on macOS); both mean one class.
+    """
+    return unicodedata.normalize("NFC", name)
+
+
+def _class_name_ok(name: str) -> bool:
+    """Letters and digits of any script, then also '_', '-', '.' and combining marks."""
+    if not name or unicodedata.category(name[0])[0] not in "LN":
+        return False
+    return all(unicodedata.category(ch)[0] in "LNM" or ch in "_-." for ch in name)
 
 
 def check_classes(classes) -> None:
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise PathloopError(f"classes = {classes!r}; expected a list of class names")
     for c in classes:
-        if not _CLASS_NAME.match(c):
-            raise PathloopError(f"class name {c!r}: expected letters, digits, '_', '-' or '.'")
-    if len(set(classes)) != len(classes):
+        if not _class_name_ok(class_key(c)):
+            raise PathloopError(f"class name {c!r}: expected a letter or digit, then letters, digits, '_', '-' or '.'")
+    keys = [class_key(c) for c in classes]
+    if len(set(keys)) != len(keys):
         raise PathloopError(f"classes = {classes!r} repeats a name")
 
 
@@ -151,6 +181,8 @@ class Workspace:
     def open(cls, path: str | os.PathLike | None = None) -> Workspace:
         """Open the workspace at ``path``, else ``$PATHLOOP_WORKSPACE``, else the current folder."""
         root = Path(path or os.environ.get(ENV_WORKSPACE) or ".").expanduser().resolve()
+        if root.exists() and not root.is_dir():
+            raise PathloopError(f"workspace {root} is a file, not a folder; pass the workspace folder")
         if not root.is_dir():
             raise PathloopError(f"workspace {root} does not exist; create it with `pathloop init {root}`")
         toml = root / SETTINGS_FILE
@@ -169,18 +201,30 @@ class Workspace:
             raise PathloopError(f"{root} is already a pathloop workspace ({SETTINGS_FILE} exists)")
         if root.exists() and not root.is_dir():
             raise PathloopError(f"{root} exists and is not a folder")
-        root.mkdir(parents=True, exist_ok=True)
-        for name in FOLDERS:
-            (root / name).mkdir(exist_ok=True)
+        above = next((a for a in root.parents if a.exists()), None)
+        if above is not None and not above.is_dir():
+            raise PathloopError(f"cannot create workspace {root}: {above} is a file, not a folder")
+        made: list[Path] = []  # folders this call created, removed again if it fails
         tmp = root / (SETTINGS_FILE + ".tmp")
-        tmp.write_text(settings_text(settings))
-        os.replace(tmp, root / SETTINGS_FILE)
+        try:
+            for folder in [*reversed([a for a in root.parents if not a.exists()]), root, *(root / n for n in FOLDERS)]:
+                if not folder.is_dir():
+                    folder.mkdir()
+                    made.append(folder)
+            tmp.write_text(settings_text(settings), encoding="utf-8")
+            os.replace(tmp, root / SETTINGS_FILE)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+                for folder in reversed(made):
+                    folder.rmdir()
+            raise PathloopError(f"cannot create workspace {root}: {e.strerror or e}") from None
         return cls(root, settings)
 
 
 def load_settings(toml: Path) -> Settings:
     try:
-        raw = tomllib.loads(toml.read_text())
+        raw = tomllib.loads(toml.read_text(encoding="utf-8-sig"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise PathloopError(f"{toml} is not valid TOML: {e}") from None
     known = {f.name for f in fields(Settings)}

@@ -14,8 +14,9 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from pathloop.demo import write_demo_slide, write_large_pyramid
+from store import ingest as ingest_module
 from store.errors import PathloopError
-from store.images import ImageStore
+from store.images import ImageStore, ShardWriter, load_rgb, locate
 from store.ingest import import_tiles, ingest_slides
 from store.models import Image, Slide, Tile
 
@@ -50,12 +51,20 @@ def test_demo_slide_ingest(workspace, engine, demo_slide):
         assert 0 <= t.x and t.x + t.extent <= 512 and 0 <= t.y and t.y + t.extent <= 512
         assert t.x % 16 == 0 and t.y % 16 == 0 and t.extent == 32 and t.tissue >= 0.5
         im = images[t.image_id]
-        assert (im.width, im.height) == (32, 32) and (workspace.root / im.path).is_file()
-    # The stored pixels are the slide's pixels at those coordinates.
+        assert (im.width, im.height, im.codec) == (32, 32, "zstd") and (workspace.root / im.shard).is_file()
+        assert not (workspace.root / im.path).exists()  # a PNG only where one is needed
+    # One shard for the slide, and no stray temporary file beside it.
+    assert len({im.shard for im in images.values()}) == 1
+    assert [p.name for p in (workspace.root / "images" / "shards").iterdir() if p.name.startswith(".")] == []
+    # The stored pixels are the slide's pixels at those coordinates, and its PNG is made on demand.
     src = tifffile.imread(tiff, key=0)
     t = tiles[len(tiles) // 2]
-    stored = ImageStore(workspace.root).load(images[t.image_id].sha256)
-    assert np.array_equal(stored, src[t.y:t.y + 32, t.x:t.x + 32])
+    im = images[t.image_id]
+    slot = locate(workspace.root, im.path, im.shard, im.offset, im.length, im.codec, im.width, im.height)
+    assert np.array_equal(load_rgb(slot, 32), src[t.y:t.y + 32, t.x:t.x + 32])
+    png = workspace.images.png_path(slot)
+    assert png == workspace.root / im.path and np.array_equal(ImageStore(workspace.root).load(im.sha256),
+                                                               src[t.y:t.y + 32, t.x:t.x + 32])
     # Overlapping tiles never sit in two splits.
     by_split = {}
     for t in tiles:
@@ -128,18 +137,25 @@ def test_unknown_class_is_refused_before_anything_is_written(workspace, engine, 
     assert counts(engine) == (0, 0, 0) and not image_files(workspace)
 
 
-def test_a_failure_midway_leaves_no_rows_and_no_files(workspace, engine, demo_slide, monkeypatch):
-    real_put, calls = ImageStore.put, []
+@pytest.mark.parametrize("where", ["shard", "rows"])
+def test_a_failure_midway_leaves_no_rows_and_no_files(workspace, engine, demo_slide, monkeypatch, where):
+    if where == "shard":  # the disk fills while tiles are being written
+        real_append, calls = ShardWriter.append, []
 
-    def flaky_put(self, image):
-        calls.append(1)
-        if len(calls) > 50:
-            raise OSError("disk full")
-        return real_put(self, image)
+        def flaky(self, data):
+            calls.append(1)
+            if len(calls) > 50:
+                raise OSError("disk full")
+            return real_append(self, data)
 
-    monkeypatch.setattr(ImageStore, "put", flaky_put)
-    with pytest.raises(OSError, match="disk full"):
-        ingest_slides(workspace, engine, [demo_slide[0]], regions=demo_slide[1], stride=16, workers=1)
+        monkeypatch.setattr(ShardWriter, "append", flaky)
+    else:  # the shard is published, then the transaction of rows fails
+        def flaky(*args, **kwargs):
+            raise OSError("database went away")
+
+        monkeypatch.setattr(ingest_module, "insert_shard_images", flaky)
+    with pytest.raises(OSError):
+        ingest_slides(workspace, engine, [demo_slide[0]], regions=demo_slide[1], stride=16, workers=2)
     assert counts(engine) == (0, 0, 0)
     assert not image_files(workspace)
 
@@ -246,3 +262,55 @@ def test_cli_ingest_bad_inputs(pathloop_exe, cli_ws, demo_slide, tmp_path):
     _one_line(_cli(exe, cli_ws, white, "--class", "dab_negative"), "no tissue found in", "white.tiff")
     _one_line(_cli(exe, cli_ws, tiff, "--class", "tumour"), "'tumour'", "pathloop.toml")
     _nothing_written(exe, cli_ws)
+
+
+# ---- labels CSVs as spreadsheets save them
+
+def test_labels_csv_saved_by_excel_with_a_byte_order_mark(tmp_path):
+    """Excel's "CSV UTF-8" starts with the BOM bytes EF BB BF; the header must still read 'slide'."""
+    from store.ingest import read_labels
+
+    a, b = tmp_path / "a.tiff", tmp_path / "b.tiff"
+    csv = tmp_path / "labels.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + "slide,class\r\na.tiff,nécrose\r\nb,dab_positive\r\n".encode())
+    assert read_labels(csv, [a, b]) == {a: "nécrose", b: "dab_positive"}
+
+
+def test_labels_csv_saved_as_utf16_is_read_or_refused_in_one_line(tmp_path):
+    """Excel's "Unicode Text" is tab-separated UTF-16 with a BOM: read it, or say so in one line."""
+    from store.ingest import read_labels
+
+    a = tmp_path / "a.tiff"
+    for name, text in [("tabs.txt", "slide\tclass\r\na.tiff\tdab_negative\r\n"),
+                       ("commas.csv", "slide,class\r\na.tiff,dab_negative\r\n")]:
+        csv = tmp_path / name
+        csv.write_bytes(text.encode("utf-16"))  # BOM FF FE, then little-endian
+        try:
+            got = read_labels(csv, [a])
+        except PathloopError as e:
+            message = str(e)
+            assert "\n" not in message and name in message, message
+        else:
+            assert got == {a: "dab_negative"}
+
+
+def test_labels_csv_with_accented_classes(make_workspace, db_url, tmp_path):
+    """Class names with accents, typed composed or decomposed (NFD), label tiles as pathloop.toml spells them.
+
+    The decomposed row needs store/ingest.py to NFC-normalise the class it reads.
+    """
+    import unicodedata
+
+    from store.db import make_engine
+
+    ws = make_workspace(db_url, classes=["nécrose", "Lymphozyten-ähnlich"])
+    engine = make_engine(ws.database_url)
+    a = write_large_pyramid(tmp_path / "a.tiff", size=512, tile=256)
+    b = write_large_pyramid(tmp_path / "b.tiff", size=768, tile=256)
+    csv = tmp_path / "labels.csv"
+    csv.write_text(f"slide,class\na.tiff,nécrose\nb,{unicodedata.normalize('NFD', 'Lymphozyten-ähnlich')}\n",
+                   encoding="utf-8")
+    ingest_slides(ws, engine, [a, b], labels=csv, tile_size=64, workers=1)
+    with Session(engine) as s:
+        assert set(s.exec(select(Tile.class_name)).all()) == {"nécrose", "Lymphozyten-ähnlich"}
+    engine.dispose()
