@@ -23,6 +23,14 @@ Per version:
   distances (train tiles, leave-one-out) is flagged as a copy. Reported for the fresh samples
   (share) and for every stored sample (``copies.csv``, one row per sample).
 
+Real tiles are read from the store in batches, and only some: at most ``real_per_class`` of
+each class per split (``real_reference``). A class with fewer keeps every tile, so a split
+under the cap is measured exactly as before the cap; a larger class keeps the same
+hash-ranked subsample every time (``features.real_subsample``), which the extractor, the
+real-tile classifier, the copy check and the simulated expert all use. How many were read
+and whether any split was subsampled is in the config (``real_tiles``) and each version's
+metrics (``real_train_tiles``, ``real_test_tiles``, ``real_subsampled``).
+
 Fresh samples make versions comparable (a new child has no stored samples, and stored ones
 differ in number, seeds and rounds); the stored ones are what experts rated and labs share.
 Everything is computed before anything is written; then the folder
@@ -46,10 +54,19 @@ from sqlmodel import Session, select
 from tqdm.auto import tqdm
 
 from pathloop.evaluate_config import EvaluateConfig
-from pathloop.features import FeatureExtractor, predict, timm_extractor, train_classifier, workspace_extractor
+from pathloop.features import (
+    REAL_SUBSAMPLE_SEED,
+    FeatureExtractor,
+    predict,
+    read_tiles,
+    real_subsample,
+    timm_extractor,
+    train_classifier,
+    workspace_extractor,
+)
 from store.agreement import wilson_interval
 from store.errors import PathloopError
-from store.generators import TileRef, get_generator, sample_seed, training_tiles
+from store.generators import TileTable, get_generator, sample_seed, tile_table
 from store.images import load_rgb
 from store.judgments import DECISIVE, is_current
 from store.models import GeneratorVersion, Image, Judgment, Sample
@@ -183,9 +200,38 @@ def stored_samples(ws: Workspace, engine: Engine, generator_id: int) -> list[tup
     return [(sid, ws.root / path, c) for sid, path, c in rows]
 
 
-def load_tiles(refs: list[TileRef], size: int, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    images = np.stack([load_rgb(r.path, size) for r in refs])
-    return images, np.array([classes.index(r.class_name) for r in refs])
+@dataclass
+class RealTiles:
+    """The real tiles of one split that an evaluation reads: at most ``per_class`` of each class."""
+
+    split: str
+    tile_ids: np.ndarray  # (n,) int64, ascending
+    labels: np.ndarray  # (n,) int64 class indices
+    available: int  # tiles of the split in the workspace
+    per_class: int
+    table: TileTable  # the whole split's columns (a few dozen bytes a tile, no pixels)
+    positions: np.ndarray  # rows of ``table`` chosen
+
+    @property
+    def subsampled(self) -> bool:
+        return len(self.tile_ids) < self.available
+
+    def load(self, progress: bool = False) -> np.ndarray:
+        """The chosen tiles' pixels ``(n, H, W, 3)`` uint8, read from the store in batches."""
+        return read_tiles(self.table.images, self.positions, progress=progress, desc=f"read {self.split} tiles")
+
+    def summary(self, classes: list[str]) -> dict:
+        return {"used": len(self.tile_ids), "available": self.available, "subsampled": self.subsampled,
+                "per_class": {c: int((self.labels == i).sum()) for i, c in enumerate(classes)}}
+
+
+def real_reference(ws: Workspace, engine: Engine, split: str, per_class: int,
+                   seed: int = REAL_SUBSAMPLE_SEED) -> RealTiles:
+    """At most ``per_class`` tiles of each class of ``split``, chosen from the store's columns (``tile_table``);
+    a split under the cap gives every tile in id order (what the evaluation read before the cap)."""
+    table = tile_table(ws, engine, split)
+    pos = real_subsample(table.tile_ids, table.class_ids, per_class, seed)
+    return RealTiles(split, table.tile_ids[pos], table.class_ids[pos], len(table), per_class, table, pos)
 
 
 # ---------------------------------------------------------------- one evaluation
@@ -279,14 +325,22 @@ def evaluate(ws: Workspace, engine: Engine, cfg: EvaluateConfig, *, model: int |
     for gid in versions:  # before anything is trained or written
         if not (ws.root / get_generator(engine, gid).folder / "unet" / "config.json").is_file():
             raise PathloopError(f"generator version {gid}: its folder is missing or incomplete")
-    train_refs, test_refs = training_tiles(ws, engine, "train"), training_tiles(ws, engine, "test")
-    if len(train_refs) < 2 or len(test_refs) < 3:
+    train = real_reference(ws, engine, "train", cfg.real_per_class)
+    test = real_reference(ws, engine, "test", cfg.real_per_class)
+    if len(train.tile_ids) < 2 or len(test.tile_ids) < 3:
+        capped = f"; at most {cfg.real_per_class} per class are read" if train.subsampled or test.subsampled else ""
         raise PathloopError(f"evaluation needs at least 2 real train and 3 real test tiles (the workspace has "
-                            f"{len(train_refs)} and {len(test_refs)})")
+                            f"{train.available} and {test.available}{capped})")
     if cfg.features.startswith("timm:"):
         extractor, info = timm_extractor(cfg.features.split(":", 1)[1], Path(cfg.weights) if cfg.weights else None)
-    train_x, train_y = load_tiles(train_refs, size, classes)
-    test_x, test_y = load_tiles(test_refs, size, classes)
+    real = {"per_class_cap": cfg.real_per_class, "subsampled": train.subsampled or test.subsampled,
+            "train": train.summary(classes), "test": test.summary(classes)}
+    if real["subsampled"]:
+        log(f"reading at most {cfg.real_per_class} real tiles per class: {len(train.tile_ids)} of {train.available} "
+            f"train, {len(test.tile_ids)} of {test.available} test")
+    train_x, train_y, train_ids = train.load(progress), train.labels, train.tile_ids
+    test_x, test_y = test.load(progress), test.labels
+    del train, test  # the splits' columns: only the chosen tiles are kept
     rid = current_reward_id(engine)
     reward_fn = load_reward(ws, engine, rid) if rid is not None else None
     if reward_fn is not None and (set(classes) - set(reward_fn.classes) or reward_fn.image_size != size):
@@ -296,11 +350,11 @@ def evaluate(ws: Workspace, engine: Engine, cfg: EvaluateConfig, *, model: int |
     if cfg.simulated_expert:
         from pathloop.simulate import SimulatedExpert
 
-        judge = SimulatedExpert.fit(ws, engine)
+        judge = SimulatedExpert.from_tiles(train_x, train_y, classes, list(ws.settings.criteria))  # = fit()
     if not cfg.features.startswith("timm:"):
-        extractor, info = workspace_extractor(ws, [r.tile_id for r in train_refs], train_x, train_y)
+        extractor, info = workspace_extractor(ws, train_ids.tolist(), train_x, train_y)
         if info.trained_now:
-            log(f"trained the feature extractor on {len(train_refs)} real train tiles: {info.folder}")
+            log(f"trained the feature extractor on {len(train_ids)} real train tiles: {info.folder}")
 
     train_f, test_f = extractor.embed(train_x), extractor.embed(test_x)
     threshold = copy_threshold(train_f, cfg.copy_percentile)
@@ -320,7 +374,7 @@ def evaluate(ws: Workspace, engine: Engine, cfg: EvaluateConfig, *, model: int |
         s_idx, s_dist = nearest_train(train_f, extractor.embed(stored_x))
         for (sid, _, c), i, d in zip(stored, s_idx, s_dist):
             copies.append({"generator_id": gid, "sample_id": sid, "class_name": c,
-                           "nearest_tile_id": train_refs[i].tile_id, "distance": float(d),
+                           "nearest_tile_id": int(train_ids[i]), "distance": float(d),
                            "threshold": threshold, "copy": bool(d <= threshold)})
         syn_clf = train_classifier(fresh, fresh_y, len(classes), epochs=cfg.utility_epochs, seed=cfg.seed + 1)
         n_copies = int((s_dist <= threshold).sum())
@@ -334,12 +388,13 @@ def evaluate(ws: Workspace, engine: Engine, cfg: EvaluateConfig, *, model: int |
             "memorisation": {"threshold": threshold, "fresh_copies": int((fresh_d <= threshold).sum()),
                              "fresh_share": float((fresh_d <= threshold).mean()),
                              "fresh_median_distance": float(np.median(fresh_d)),
-                             "stored_copies": n_copies, "stored": len(stored)},
-            "fresh_samples": len(fresh), "real_test_tiles": len(test_x),
+                             "stored_copies": n_copies, "stored": len(stored), "reference_tiles": len(train_f)},
+            "fresh_samples": len(fresh), "real_test_tiles": len(test_x), "real_train_tiles": len(train_x),
+            "real_subsampled": real["subsampled"],
         })
     config = asdict(cfg) | {"extractor": info.name, "extractor_folder": str(info.folder) if info.folder else None,
-                            "versions": versions}
-    table = format_table(results, baseline, classes)
+                            "versions": versions, "real_tiles": real}
+    table = format_table(results, baseline, classes, real)
     folder, ids = write_evaluation(ws, engine, results, baseline, config, copies, table)
     return EvaluationResult(results, baseline, config, folder, ids, table)
 

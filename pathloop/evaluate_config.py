@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from store.errors import PathloopError
 
+REAL_PER_CLASS = 2000  # real tiles per class and split that evaluation and the simulated expert read at most
+
 
 @dataclass
 class EvaluateConfig:
@@ -22,13 +24,17 @@ class EvaluateConfig:
     nearest_k: int = field(default=5, metadata={"help": "k of precision/recall/density/coverage"})
     copy_percentile: float = field(default=5.0, metadata={
         "help": "a sample at or below this percentile of real-to-real nearest distances is a copy"})
+    real_per_class: int = field(default=REAL_PER_CLASS, metadata={"metavar": "N", "help": (
+        "read at most N real tiles per class of each split (train, test) for the extractor, the real-tile "
+        "classifier, the copy check and the simulated expert; a larger class is subsampled, the same tiles every "
+        "time (a fixed hash of tile ids); memory grows with N: 0.2 GB per 1000 tiles of 256 px")})
     utility_epochs: int = field(default=30, metadata={"help": "epochs of the downstream-utility classifiers"})
     simulated_expert: bool = field(default=False, metadata={
         "help": "also rate the fresh samples with the simulated expert (pathloop/simulate.py), fitted on the real "
                 "train tiles: its plausibility with Wilson intervals, for the demo and the study"})
 
     def __post_init__(self) -> None:
-        for name in ("per_class", "steps", "nearest_k", "utility_epochs"):
+        for name in ("per_class", "steps", "nearest_k", "utility_epochs", "real_per_class"):
             if getattr(self, name) < 1:
                 raise PathloopError(f"{name} = {getattr(self, name)}; expected at least 1")
         if self.per_class < 2:
@@ -37,5 +43,8 @@ class EvaluateConfig:
             raise PathloopError(f"sampler {self.sampler!r}; expected ddim or ddpm")
         if not 0 < self.copy_percentile < 100:
             raise PathloopError(f"copy_percentile = {self.copy_percentile}; expected a percentile in (0, 100)")
+        if self.simulated_expert and self.real_per_class < 5:
+            raise PathloopError(f"real_per_class = {self.real_per_class}; the simulated expert needs at least 5 "
+                                f"real train tiles of each class")
         if self.features != "workspace" and not self.features.startswith("timm:"):
             raise PathloopError(f"--features {self.features!r}; expected workspace or timm:NAME")

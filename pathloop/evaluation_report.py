@@ -47,8 +47,9 @@ def _simulated_rows(versions: list[dict], classes: list[str]) -> list[tuple[str,
             *((f"  {c}", [_share(x.get("per_class", {}).get(c)) for x in sim]) for c in classes)]
 
 
-def format_table(versions: list[dict], baseline: dict, classes: list[str]) -> str:
-    """Metrics as rows, versions as columns."""
+def format_table(versions: list[dict], baseline: dict, classes: list[str], real: dict | None = None) -> str:
+    """Metrics as rows, versions as columns; ``real`` (the config's ``real_tiles``) adds a line when the real
+    tiles were subsampled."""
     rows: list[tuple[str, list[str]]] = [
         ("kind", [v["kind"] for v in versions]),
         ("parent", [str(v["parent_id"] or "-") for v in versions]),
@@ -75,6 +76,10 @@ def format_table(versions: list[dict], baseline: dict, classes: list[str]) -> st
     lines.append(f"fresh samples: {v0['fresh_samples']} per version (same seeds); real test tiles: "
                  f"{v0['real_test_tiles']}; same classifier trained on {baseline['trained_on']} real train tiles: "
                  f"accuracy {baseline['accuracy']:.3f}, balanced accuracy {baseline['balanced_accuracy']:.3f}")
+    if real and real.get("subsampled"):
+        lines.append(f"real tiles subsampled to at most {real['per_class_cap']} per class: train "
+                     f"{real['train']['used']} of {real['train']['available']}, test {real['test']['used']} of "
+                     f"{real['test']['available']} (FID, precision/recall, utility and copies are against these)")
     return "\n".join(lines)
 
 
@@ -165,7 +170,7 @@ def write_evaluation(ws: Workspace, engine: Engine, versions: list[dict], baseli
         flat_rows(versions, baseline).to_csv(tmp / "metrics.csv", index=False)
         pd.DataFrame(copies, columns=["generator_id", "sample_id", "class_name", "nearest_tile_id", "distance",
                                       "threshold", "copy"]).to_csv(tmp / "copies.csv", index=False)
-        (tmp / "table.txt").write_text(table + "\n")
+        (tmp / "table.txt").write_text(table + "\n", encoding="utf-8")
         plot(versions, baseline, classes, tmp)
         os.replace(tmp, final)
     except BaseException:

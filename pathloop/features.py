@@ -3,8 +3,10 @@
 By default a small class classifier (``TileClassifier``, a 3-block CNN) is trained once per
 workspace on the real train tiles and cached under ``models/evaluator/<key>/`` (safetensors
 weights + ``config.json``), where ``key`` hashes the train tile ids and the recipe: new
-train tiles give a new extractor, the same ones reuse it. Its penultimate layer (64 floats)
-is the feature space. Alternatively ``timm:NAME`` with a local weights file: the pooled
+train tiles give a new extractor, the same ones reuse it. The train tiles are those
+`evaluate` reads: at most ``real_per_class`` of each class (``real_subsample``: all of a
+smaller class, else a fixed hash-ranked subsample), so the key hashes that subsample's ids.
+Its penultimate layer (64 floats) is the feature space. Alternatively ``timm:NAME`` with a local weights file: the pooled
 features of that timm model. The same CNN, trained on synthetic or real tiles, is the
 downstream-utility classifier.
 """
@@ -28,6 +30,7 @@ from store.errors import PathloopError
 from store.workspace import Workspace
 
 EXTRACTOR_VERSION = 1  # bump when the recipe below changes, so cached extractors are rebuilt
+REAL_SUBSAMPLE_SEED = 0  # which real tiles a capped class keeps: fixed, so every evaluation reads the same ones
 
 
 class TileClassifier(nn.Module):
@@ -100,7 +103,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, n_classes: int, *, 
     gen = torch.Generator().manual_seed(seed)
     model = TileClassifier(n_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    x_all, y_all = to_tensor(images), torch.as_tensor(labels, dtype=torch.long)
+    y_all = torch.as_tensor(labels, dtype=torch.long)  # batches are cut from ``images``: no second copy of them
     steps_per_epoch = max(1, -(-len(images) // batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
     model.train()
@@ -110,7 +113,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, n_classes: int, *, 
             idx = order[i:i + batch_size]
             if len(idx) < 2:  # BatchNorm needs two
                 continue
-            loss = nn.functional.cross_entropy(model(_augment(x_all[idx], gen)), y_all[idx])
+            loss = nn.functional.cross_entropy(model(_augment(to_tensor(images[idx.numpy()]), gen)), y_all[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -124,6 +127,62 @@ def predict(model: TileClassifier, images: np.ndarray, batch_size: int = 256) ->
     model.eval()
     out = [model(to_tensor(images[i:i + batch_size])).argmax(1).numpy() for i in range(0, len(images), batch_size)]
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+# ---------------------------------------------------------------- which real tiles are read
+
+
+def _mix64(values: np.ndarray, seed: int) -> np.ndarray:
+    """A fixed pseudo-random ``uint64`` per value (splitmix64 of ``value + seed``): the same on every machine."""
+    with np.errstate(over="ignore"):
+        z = values.astype(np.uint64) + np.uint64(seed % 2**64) * np.uint64(0xD1B54A32D192ED03)
+        z = z * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def real_subsample(tile_ids: np.ndarray, class_ids: np.ndarray, per_class: int | None,
+                   seed: int = REAL_SUBSAMPLE_SEED) -> np.ndarray:
+    """Positions, ascending, of at most ``per_class`` tiles of each class (``TileTable`` columns).
+
+    A class with at most ``per_class`` tiles keeps all of them, so a split under the cap gives
+    ``arange(len(tile_ids))``: every tile, in the table's order. A larger class keeps the
+    ``per_class`` tiles whose ids hash lowest under ``seed``: stratified, reproducible, and
+    stable when tiles are added (a newcomer enters only by out-ranking a member). Memory is a
+    few bytes per tile; no tile is read.
+    """
+    tile_ids, class_ids = np.asarray(tile_ids, np.int64), np.asarray(class_ids, np.int64)
+    n = len(tile_ids)
+    if per_class is None or n == 0 or np.bincount(class_ids).max() <= per_class:
+        return np.arange(n, dtype=np.int64)
+    if per_class < 1:
+        raise PathloopError(f"per_class = {per_class}; expected at least 1 real tile per class")
+    rank = _mix64(tile_ids, seed)
+    keep = []
+    for c in np.unique(class_ids):
+        pos = np.flatnonzero(class_ids == c)
+        if len(pos) > per_class:
+            pos = pos[np.argsort(rank[pos], kind="stable")[:per_class]]
+        keep.append(pos)
+    return np.sort(np.concatenate(keep))
+
+
+def read_tiles(images, positions=None, *, chunk: int = 256, progress: bool = False, desc: str = "read tiles"
+               ) -> np.ndarray:
+    """``(N, H, W, 3)`` uint8 of the ``store.images.ImageColumns`` at ``positions`` (default: all), read in
+    chunks of ``chunk`` into one preallocated array: only these tiles are ever read."""
+    from tqdm.auto import tqdm
+
+    if positions is not None:
+        images = images.take(positions)
+    out = np.empty((len(images), images.size, images.size, 3), np.uint8)
+    with tqdm(total=len(out), desc=desc, unit="tile", disable=not progress, leave=False) as bar:
+        for i in range(0, len(out), chunk):
+            j = min(i + chunk, len(out))
+            out[i:j] = images.batch(range(i, j))
+            bar.update(j - i)
+    return out
 
 
 # ---------------------------------------------------------------- the workspace extractor

@@ -1,7 +1,9 @@
 """A simulated expert: a programmatic rater for the demo, the study and benchmarks.
 
 It judges a tile plausible only when it looks like the real tissue and stain of the class
-it is shown as, by rules fitted once on the workspace's real train tiles:
+it is shown as, by rules fitted once on the workspace's real train tiles (at most
+``per_class`` of each class, chosen as `pathloop evaluate` chooses them: every tile of a
+class under the cap, else a fixed hash-ranked subsample; only those are read):
 
 - **staining**: the tile's mean DAB level (colour deconvolution, ``skimage.color.rgb2hed``)
   lies inside the central 90% of that class's real tiles;
@@ -29,12 +31,13 @@ from skimage.color import rgb2hed
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from pathloop.evaluate_config import REAL_PER_CLASS
 from store.errors import PathloopError
+from store.generators import tile_table
 from store.images import load_rgb
 from store.judgments import record_judgment
 from store.models import Annotator
 from store.queue import next_item
-from store.rewards import real_tiles
 from store.workspace import Workspace
 
 PREFIX = "sim-expert"
@@ -64,23 +67,46 @@ class SimulatedExpert:
     criteria: list[str]
 
     @classmethod
-    def fit(cls, ws: Workspace, engine: Engine) -> SimulatedExpert:
-        classes = list(ws.settings.classes)
-        tiles = [t for t in real_tiles(ws, engine) if t.split == "train"]
-        by_class = {c: [t for t in tiles if t.class_name == c] for c in classes}
-        missing = [c for c, ts in by_class.items() if len(ts) < 5]
+    def fit(cls, ws: Workspace, engine: Engine, per_class: int | None = REAL_PER_CLASS) -> SimulatedExpert:
+        """Fitted on at most ``per_class`` real train tiles of each class (None: all), read in batches."""
+        from pathloop.features import real_subsample  # the same choice as `pathloop evaluate`
+
+        if per_class is not None and per_class < 5:
+            raise PathloopError(f"per_class = {per_class}; the simulated expert needs at least 5 real train tiles "
+                                f"of each class")
+        table = tile_table(ws, engine, "train")
+        pos = real_subsample(table.tile_ids, table.class_ids, per_class)
+        images = table.images.take(pos)
+        feats = np.zeros((len(pos), 8))
+        for i in range(0, len(pos), 256):
+            chunk = images.batch(range(i, min(i + 256, len(pos))))
+            feats[i:i + len(chunk)] = [tile_features(rgb) for rgb in chunk]
+        return cls.from_features(feats, table.class_ids[pos], list(ws.settings.classes), list(ws.settings.criteria))
+
+    @classmethod
+    def from_tiles(cls, images: np.ndarray, labels: np.ndarray, classes: list[str], criteria: list[str]
+                   ) -> SimulatedExpert:
+        """Fitted on ``(N, H, W, 3)`` uint8 real tiles with class indices ``labels`` (what `evaluate` has read)."""
+        feats = np.stack([tile_features(rgb) for rgb in images]) if len(images) else np.zeros((0, 8))
+        return cls.from_features(feats, labels, classes, criteria)
+
+    @classmethod
+    def from_features(cls, features: np.ndarray, labels: np.ndarray, classes: list[str], criteria: list[str]
+                      ) -> SimulatedExpert:
+        """Fitted on ``tile_features`` rows of real train tiles with class indices ``labels``."""
+        labels = np.asarray(labels)
+        feats = {c: features[labels == i] for i, c in enumerate(classes)}
+        missing = [c for c, f in feats.items() if len(f) < 5]
         if missing:
             raise PathloopError(f"the simulated expert needs at least 5 real train tiles of each class; "
-                                f"{missing[0]!r} has {len(by_class[missing[0]])}")
-        feats = {c: np.stack([tile_features(load_rgb(t.path, ws.settings.tile_size)) for t in ts])
-                 for c, ts in by_class.items()}
+                                f"{missing[0]!r} has {len(feats[missing[0]])}")
         every = np.concatenate(list(feats.values()))
         return cls(
             classes=classes,
             dab_range={c: (float(np.percentile(f[:, 0], 5)), float(np.percentile(f[:, 0], 95))) for c, f in feats.items()},
             dab_median={c: float(np.median(f[:, 0])) for c, f in feats.items()},
             colour_lo=np.percentile(every[:, 1:7], 1, axis=0), colour_hi=np.percentile(every[:, 1:7], 99, axis=0),
-            rough_hi=float(np.percentile(every[:, 7], 99)), criteria=list(ws.settings.criteria))
+            rough_hi=float(np.percentile(every[:, 7], 99)), criteria=list(criteria))
 
     def reasons(self, rgb: np.ndarray, class_name: str) -> list[str]:
         """The rules a tile shown as ``class_name`` breaks (empty: plausible)."""

@@ -347,3 +347,79 @@ def test_a_timm_extractor_takes_local_weights_only(tmp_path):
     extractor, info = timm_extractor("test_resnet", tmp_path / "w.safetensors")
     feats = extractor.embed(np.random.default_rng(0).integers(0, 255, (3, SIZE, SIZE, 3), dtype=np.uint8))
     assert feats.shape == (3, extractor.num_features) and info.name == "timm:test_resnet"
+
+
+# ---------------------------------------------------------------- at most N real tiles per class
+
+
+def test_the_real_subsample_is_stratified_seeded_and_everything_under_the_cap():
+    from pathloop.features import real_subsample
+
+    ids = np.arange(100, 400, 3, dtype=np.int64)  # 100 tiles, classes 0/1/2 of 50, 30 and 20
+    cls = np.repeat([0, 1, 2], [50, 30, 20])
+    np.random.default_rng(0).shuffle(cls)
+    assert real_subsample(ids, cls, 50).tolist() == list(range(100))  # under (or at) the cap: all, in order
+    assert real_subsample(ids, cls, None).tolist() == list(range(100))
+    pos = real_subsample(ids, cls, 25)
+    assert np.all(np.diff(pos) > 0) and np.bincount(cls[pos]).tolist() == [25, 25, 20]
+    assert real_subsample(ids, cls, 25).tolist() == pos.tolist()  # reproducible
+    assert real_subsample(ids, cls, 25, seed=1).tolist() != pos.tolist()
+    # adding tiles keeps the others' ranks: the old choice and the newcomers' winners
+    more_ids, more_cls = np.concatenate([ids, np.arange(1000, 1010)]), np.concatenate([cls, np.zeros(10, int)])
+    kept = set(more_ids[real_subsample(more_ids, more_cls, 25)].tolist()) & set(ids.tolist())
+    assert kept <= set(ids[pos].tolist()) and len(kept) >= 70 - 10
+
+
+def test_under_the_cap_evaluation_reads_every_tile_in_the_old_order(tiny_ws):
+    from pathloop.evaluate import real_reference
+
+    ws, engine, _, _ = tiny_ws
+    for split in ("train", "test"):
+        refs = training_tiles(ws, engine, split)  # what evaluation read before the cap
+        for cap in (2000, max(sum(r.class_name == c for r in refs) for c in CLASSES)):
+            real = real_reference(ws, engine, split, cap)
+            assert not real.subsampled and real.available == len(refs)
+            assert real.tile_ids.tolist() == [r.tile_id for r in refs]
+            assert real.labels.tolist() == [CLASSES.index(r.class_name) for r in refs]
+            assert np.array_equal(real.load(), np.stack([load_rgb(r.path, SIZE) for r in refs]))
+
+
+def test_over_the_cap_evaluation_reads_only_the_capped_tiles(tiny_ws, monkeypatch):
+    from store.images import ImageColumns
+
+    ws, engine, parent, child = tiny_ws
+    reads: list[int] = []
+    real_read = ImageColumns.read
+    monkeypatch.setattr(ImageColumns, "read", lambda self, i: reads.append(int(i)) or real_read(self, i))
+    logs: list[str] = []
+    cfg = EvaluateConfig(**FAST, real_per_class=5, simulated_expert=True)  # 10 train and 4 test tiles per class
+    r = evaluate(ws, engine, cfg, model=parent, against=[parent], progress=False, log=logs.append)
+    assert len(reads) == 2 * 5 + 2 * 4  # train capped at 5 a class, test under the cap; nothing else read
+    real = r.config["real_tiles"]
+    assert real["per_class_cap"] == 5 and real["subsampled"] and r.config["real_per_class"] == 5
+    assert real["train"] == {"used": 10, "available": 20, "subsampled": True, "per_class": {"red": 5, "blue": 5}}
+    assert real["test"] == {"used": 8, "available": 8, "subsampled": False, "per_class": {"red": 4, "blue": 4}}
+    v = r.versions[0]
+    assert v["real_train_tiles"] == 10 and v["real_test_tiles"] == 8 and v["real_subsampled"]
+    assert r.baseline["trained_on"] == 10 and v["memorisation"]["reference_tiles"] == 10
+    assert np.isfinite(v["fid"]) and v["simulated_expert"]["n"] == 12
+    assert "real tiles subsampled to at most 5 per class: train 10 of 20, test 8 of 8" in r.table
+    assert any("reading at most 5 real tiles per class" in m for m in logs)
+    # the extractor is keyed on (and records) the subsample's tile ids; copies point into the subsample
+    chosen = json.loads((ws.root / r.config["extractor_folder"] / "config.json").read_text())["train_tile_ids"]
+    assert len(chosen) == 10 and set(chosen) < {t.tile_id for t in training_tiles(ws, engine, "train")}
+    import pandas as pd
+
+    assert set(pd.read_csv(r.folder / "copies.csv")["nearest_tile_id"]) <= set(chosen)
+    with Session(engine) as s:
+        row = s.get(Evaluation, r.evaluation_ids[0])
+    assert row.metrics["config"]["real_tiles"]["train"]["used"] == 10 and row.metrics["real_train_tiles"] == 10
+
+    reads.clear()  # the same subsample again: the cached extractor is reused
+    again = evaluate(ws, engine, cfg, model=parent, against=[parent], progress=False, log=logs.append)
+    assert again.config["extractor"] == r.config["extractor"] and len(reads) == 18
+    assert not any(m.startswith("trained the feature extractor") for m in logs[2:])
+    with pytest.raises(PathloopError, match="real_per_class = 4; the simulated expert needs at least 5"):
+        EvaluateConfig(real_per_class=4, simulated_expert=True)
+    with pytest.raises(PathloopError, match="real_per_class = 0; expected at least 1"):
+        EvaluateConfig(real_per_class=0)

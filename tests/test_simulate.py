@@ -49,7 +49,11 @@ def test_real_tiles_of_their_own_class_pass_and_of_the_other_class_fail(demo_ws)
     swapped = [expert.judge(load_rgb(t.path, 32), CLASSES[1 - CLASSES.index(t.class_name)]) for t in held_out]
     assert own.count("plausible") / len(own) > 0.7
     assert [v for v, _ in swapped].count("implausible") / len(swapped) > 0.95
-    assert all("wrong class" in reasons or "staining" in reasons for v, reasons in swapped if v == "implausible")
+    # A tile outside the real colour range is implausible as either class; of the others, every
+    # swapped one is rejected for a class rule.
+    assert all("wrong class" in reasons or "staining" in reasons
+               for (v, reasons), mine in zip(swapped, own) if v == "implausible" and mine == "plausible")
+    assert sum(v == "implausible" and not {"wrong class", "staining"} & set(r) for v, r in swapped) <= 0.02 * len(own)
     noise = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     verdict, reasons = expert.judge(noise, "dab_positive")
     assert verdict == "implausible" and "artefact" in reasons
@@ -93,3 +97,45 @@ def test_bad_simulation_input(demo_ws):
         simulate(ws, engine, raters=0, expert=expert)
     with pytest.raises(PathloopError, match="noise = 0.9"):
         simulate(ws, engine, noise=0.9, expert=expert)
+
+
+def _fit_the_old_way(ws, engine) -> SimulatedExpert:
+    """What ``fit`` did before the cap: every real train tile, one object each."""
+    tiles = [t for t in real_tiles(ws, engine) if t.split == "train"]
+    feats = {c: np.stack([tile_features(load_rgb(t.path, 32)) for t in tiles if t.class_name == c]) for c in CLASSES}
+    every = np.concatenate(list(feats.values()))
+    return SimulatedExpert(
+        classes=CLASSES, criteria=list(ws.settings.criteria),
+        dab_range={c: (float(np.percentile(f[:, 0], 5)), float(np.percentile(f[:, 0], 95))) for c, f in feats.items()},
+        dab_median={c: float(np.median(f[:, 0])) for c, f in feats.items()},
+        colour_lo=np.percentile(every[:, 1:7], 1, axis=0), colour_hi=np.percentile(every[:, 1:7], 99, axis=0),
+        rough_hi=float(np.percentile(every[:, 7], 99)))
+
+
+def _same(a: SimulatedExpert, b: SimulatedExpert) -> bool:
+    return (a.classes == b.classes and a.criteria == b.criteria and a.dab_range == b.dab_range
+            and a.dab_median == b.dab_median and a.rough_hi == b.rough_hi
+            and np.array_equal(a.colour_lo, b.colour_lo) and np.array_equal(a.colour_hi, b.colour_hi))
+
+
+def test_under_the_cap_the_fit_is_the_old_one_and_over_it_reads_only_the_cap(demo_ws, monkeypatch):
+    from store.images import ImageColumns
+
+    ws, engine, expert = demo_ws
+    n_train = sum(t.split == "train" for t in real_tiles(ws, engine))
+    assert 100 < n_train < 2000  # the default cap is above every class
+    old = _fit_the_old_way(ws, engine)
+    assert _same(expert, old) and _same(SimulatedExpert.fit(ws, engine, per_class=None), old)
+
+    reads: list[int] = []
+    real_read = ImageColumns.read
+    monkeypatch.setattr(ImageColumns, "read", lambda self, i: reads.append(int(i)) or real_read(self, i))
+    small = SimulatedExpert.fit(ws, engine, per_class=30)
+    assert len(reads) == 2 * 30  # only the capped tiles were read
+    assert _same(SimulatedExpert.fit(ws, engine, per_class=30), small) and not _same(small, old)
+    held_out = [t for t in real_tiles(ws, engine) if t.split != "train"]
+    own = [small.judge(load_rgb(t.path, 32), t.class_name)[0] for t in held_out]
+    swapped = [small.judge(load_rgb(t.path, 32), CLASSES[1 - CLASSES.index(t.class_name)])[0] for t in held_out]
+    assert own.count("plausible") / len(own) > 0.5 and swapped.count("implausible") / len(swapped) > 0.9
+    with pytest.raises(PathloopError, match="per_class = 4; the simulated expert needs at least 5"):
+        SimulatedExpert.fit(ws, engine, per_class=4)
