@@ -555,7 +555,8 @@ def cmd_simulate_expert(args) -> int:
     from pathloop.simulate import simulate
 
     ws, engine = _open(args)
-    r = simulate(ws, engine, raters=args.raters, max_per_rater=args.max, noise=args.noise, seed=args.seed)
+    r = simulate(ws, engine, raters=args.raters, max_per_rater=args.max, noise=args.noise, seed=args.seed,
+                 fit_per_class=args.fit_per_class)
     share = f"{100 * r.plausible / r.judgments:.0f}%" if r.judgments else "-"
     print(f"simulated expert: {r.judgments} judgments by {args.raters} rater(s), {share} plausible, "
           f"{r.controls} on control tiles")
@@ -812,6 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max", type=_positive_int, metavar="N", help="at most N ratings per rater (default: until empty)")
     p.add_argument("--noise", type=float, default=0.0, metavar="P", help="share of verdicts flipped (default 0)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the noise and the queue order")
+    p.add_argument("--fit-per-class", type=_positive_int, default=2000, metavar="N",
+                   help="fit the rules on at most N real train tiles per class (default 2000)")
     p.set_defaults(func=cmd_simulate_expert)
 
     from pathloop.evaluate_config import EvaluateConfig

@@ -152,13 +152,14 @@ def rater_ids(engine: Engine, raters: int) -> list[int]:
 
 
 def simulate(ws: Workspace, engine: Engine, *, raters: int = 1, max_per_rater: int | None = None,
-             noise: float = 0.0, seed: int = 0, expert: SimulatedExpert | None = None) -> SimulationReport:
+             noise: float = 0.0, seed: int = 0, expert: SimulatedExpert | None = None,
+             fit_per_class: int | None = REAL_PER_CLASS) -> SimulationReport:
     """Each simulated rater rates what the queue gives it until the queue is empty or ``max_per_rater``."""
     if raters < 1:
         raise PathloopError(f"raters = {raters}; expected at least 1")
     if not 0 <= noise <= 0.5:
         raise PathloopError(f"noise = {noise}; expected a share of flipped verdicts in [0, 0.5]")
-    expert = expert or SimulatedExpert.fit(ws, engine)
+    expert = expert or SimulatedExpert.fit(ws, engine, per_class=fit_per_class)
     report = SimulationReport()
     for k, annotator in enumerate(rater_ids(engine, raters)):
         rng = random.Random(f"{seed}:{k}")
