@@ -5,9 +5,13 @@ rest superseded history) from 60 annotators with an overlap target of 3: 60% of 
 are complete, 20% have two ratings, 10% one, 10% none. Ten of those annotators (each with
 a history) then run ``next_item`` → ``record_judgment`` in turn; each call is timed, first
 in the random order, then again after a reward version scored every sample (most
-uncertain first). ``progress`` (the rate page calls it on every tile) is timed too.
+uncertain first). ``progress`` (the rate page calls it on every tile) is timed too. A last
+table puts ``progress`` beside ``next_item`` (the peer that does not grow) at each size, with
+the ratio of the largest size to the smallest.
 
-Rows are bulk-loaded (executemany on SQLite, COPY on PostgreSQL) and not timed. PostgreSQL:
+Rows are bulk-loaded (executemany on SQLite, COPY on PostgreSQL; the sample and tile tallies
+follow by trigger) and ``recount_ratings`` builds the per-annotator tallies; none of it is
+timed. PostgreSQL:
 ``PATHLOOP_BENCH_POSTGRES_URL``, else ``PATHLOOP_TEST_POSTGRES_URL``, names a server; the
 benchmark creates its own database there and drops it at the end. Unset: SQLite only.
 
@@ -39,6 +43,7 @@ from sqlalchemy.engine import make_url
 
 from store import queue
 from store.db import make_engine, upgrade
+from store.judgments import recount_ratings
 from store.workspace import Settings, Workspace
 
 ANNOTATORS = 60
@@ -194,6 +199,7 @@ def run_backend(backend: str, url: str, sizes: list[int], ops: int, workdir: Pat
             load = load_sqlite if backend == "sqlite" else load_postgres
             start = time.perf_counter()
             load(engine, rows)
+            recount_ratings(engine)  # the per-annotator tallies of the loaded judgments
             loaded = time.perf_counter() - start
             for order in ("random", "uncertainty"):
                 if order == "uncertainty":
@@ -227,6 +233,22 @@ def print_row(r: dict) -> None:
           f"{r['progress_median_ms']:>8.2f} {r['progress_p95_ms']:>8.2f}", flush=True)
 
 
+def print_summary(results: list[dict]) -> None:
+    """Median ms of ``progress`` and of ``next_item`` per size, side by side, and largest/smallest."""
+    sizes = sorted({r["samples"] for r in results})
+    print(f"\n{'backend':<10} {'order':<11} {'call':<9} " + " ".join(f"{n:>8}" for n in sizes)
+          + f" {f'{sizes[-1]}/{sizes[0]}':>14}  (median ms)")
+    for backend in dict.fromkeys(r["backend"] for r in results):
+        for order in ("random", "uncertainty"):
+            by_size = {r["samples"]: r for r in results if r["backend"] == backend and r["order"] == order}
+            if not by_size:
+                continue
+            for call in ("next_item", "progress"):
+                ms = [by_size[n][f"{call}_median_ms"] if n in by_size else float("nan") for n in sizes]
+                print(f"{backend:<10} {order:<11} {call:<9} " + " ".join(f"{m:>8.2f}" for m in ms)
+                      + f" {ms[-1] / ms[0]:>14.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1000,10000,100000", help="sample counts, comma-separated")
@@ -255,6 +277,8 @@ def main() -> None:
                 admin.dispose()
         else:
             print("(PostgreSQL skipped: set PATHLOOP_BENCH_POSTGRES_URL)")
+    if results:
+        print_summary(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -6,19 +6,30 @@ undo adds a ``retracted`` row. Plausible and implausible are **decisive**: they 
 a sample's overlap target. Unsure (skip) is current too — it keeps the item away from that
 annotator — but does not count, so the sample stays open for others.
 
-``Sample.current_ratings`` caches the number of current decisive judgments of a sample; the
-functions here keep it in step inside the same transaction, and ``recount_ratings`` rebuilds
-it from the rows. Every read of "current" goes through ``is_current``.
+``Sample.current_ratings`` caches the number of current decisive judgments of a sample, and
+the per-annotator tallies (``Annotator.judged_items`` and ``current_judgments``, and the
+``Rater*Tally`` tables of store/models.py) cache what ``store.queue.progress`` reports; the
+functions here keep them in step inside the same transaction (``_retally``), and
+``recount_ratings`` rebuilds them, and the trigger-kept sample and tile tallies, from the
+rows. Every read of "current" goes through ``is_current``.
+
+Concurrency (PostgreSQL): a rating that moves a sample's count, or changes how many current
+judgments its rater has on it, first locks the sample row, so the judgments it reads on that
+sample are the ones it moves; tally rows are written last, each table in key order and the
+tables in one order (the sample tally by its trigger, then raters' rating rows, then the
+rater's own rows), so two raters never wait on each other in a cycle.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import ColumnElement, bindparam, delete, exists, func, update
+from sqlalchemy import ColumnElement, bindparam, delete, exists, func, literal_column, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
@@ -26,7 +37,20 @@ from sqlmodel import Session, select
 
 from store.db import write_session
 from store.errors import PathloopError
-from store.models import Annotator, Judgment, Lease, Sample, Tile, as_utc, utcnow
+from store.models import (
+    Annotator,
+    Judgment,
+    Lease,
+    RaterControlTally,
+    RaterHourTally,
+    RaterRatingTally,
+    Sample,
+    SampleTally,
+    Tile,
+    TileTally,
+    as_utc,
+    utcnow,
+)
 from store.workspace import Workspace
 
 DECISIVE = ("plausible", "implausible")
@@ -59,15 +83,90 @@ def current_judgments(engine: Engine) -> list[Judgment]:
 
 
 def recount_ratings(engine: Engine) -> int:
-    """Rebuild ``Sample.current_ratings`` from the judgment rows; returns how many were wrong."""
+    """Rebuild ``Sample.current_ratings`` and every tally from the rows; returns how many cached
+    counts were wrong (samples, tally entries, annotators' counters)."""
     counted = (select(func.count()).select_from(Judgment)
                .where(Judgment.sample_id == Sample.id, Judgment.verdict.in_(DECISIVE), is_current())
                .scalar_subquery())
     with write_session(engine) as s:
+        if s.get_bind().dialect.name == "postgresql":
+            # Every writer of judgments locks its annotator row first, so holding the table keeps
+            # them all out (in-flight ones finish first); new samples and tiles wait too.
+            s.exec(text("LOCK TABLE annotator IN EXCLUSIVE MODE"))
+            s.exec(text("LOCK TABLE sample, tile IN SHARE ROW EXCLUSIVE MODE"))
         wrong = s.exec(select(func.count()).select_from(Sample).where(Sample.current_ratings != counted)).one()
         if wrong:
             s.exec(update(Sample).where(Sample.current_ratings != counted).values(current_ratings=counted))
+        hour = literal_column(HOUR_SQL[s.get_bind().dialect.name])
+        wrong += _rebuild(s, SampleTally, select(Sample.current_ratings, func.count()).group_by(Sample.current_ratings))
+        wrong += _rebuild(s, TileTally, select(Tile.split, Tile.class_name, func.count())
+                          .group_by(Tile.split, Tile.class_name))
+        wrong += _rebuild(s, RaterRatingTally, select(Judgment.annotator_id, Sample.current_ratings, func.count())
+                          .join(Sample, Sample.id == Judgment.sample_id).where(is_current())
+                          .group_by(Judgment.annotator_id, Sample.current_ratings))
+        wrong += _rebuild(s, RaterHourTally, select(Judgment.annotator_id, hour, func.count()).where(is_current())
+                          .group_by(Judgment.annotator_id, hour))
+        wrong += _rebuild(s, RaterControlTally, select(Judgment.annotator_id, Tile.split, Tile.class_name,
+                                                       func.count(func.distinct(Judgment.tile_id)))
+                          .join(Tile, Tile.id == Judgment.tile_id)
+                          .group_by(Judgment.annotator_id, Tile.split, Tile.class_name))
+        wrong += _rebuild_annotators(s)
         s.commit()
+    return wrong
+
+
+# Hours since 1970 (UTC) of judgment.created_at, as ``hour_of`` computes them.
+HOUR_SQL = {
+    "sqlite": "(CAST(strftime('%s', judgment.created_at) AS INTEGER)"
+              " - ((CAST(strftime('%s', judgment.created_at) AS INTEGER) % 3600) + 3600) % 3600) / 3600",
+    "postgresql": "CAST(floor(extract(epoch FROM judgment.created_at) / 3600) AS INTEGER)",
+}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def hour_of(dt: datetime) -> int:
+    """The tally hour of a timestamp (``RaterHourTally.hour``): whole UTC hours since 1970."""
+    return (as_utc(dt) - _EPOCH) // timedelta(hours=1)
+
+
+def hour_start(hour: int) -> datetime:
+    """When tally hour ``hour`` begins (UTC)."""
+    return _EPOCH + timedelta(hours=hour)
+
+
+def _tally_columns(model) -> tuple[list[str], str]:
+    """(key columns, count column) of a tally table."""
+    cols = [c.name for c in model.__table__.columns]
+    return cols[:-1], cols[-1]
+
+
+def _rebuild(s: Session, model, fresh_query) -> int:
+    """Replace a tally's rows by ``fresh_query``'s (key..., count) rows; how many entries differed."""
+    keys, count = _tally_columns(model)
+    table = model.__table__
+    fresh = {tuple(r[:-1]): r[-1] for r in s.exec(fresh_query).all()}
+    stored = {tuple(r[:-1]): r[-1] for r in s.exec(select(*(table.c[k] for k in keys), table.c[count])).all()}
+    wrong = sum(stored.get(k, 0) != fresh.get(k, 0) for k in stored.keys() | fresh.keys())
+    if wrong:
+        s.exec(delete(table))
+        rows = [{**dict(zip(keys, k)), count: n} for k, n in sorted(fresh.items()) if n]
+        if rows:
+            s.exec(table.insert(), params=rows)
+    return wrong
+
+
+def _rebuild_annotators(s: Session) -> int:
+    judged = dict(s.exec(select(Judgment.annotator_id, func.count()).where(Judgment.supersedes_id.is_(None))
+                         .group_by(Judgment.annotator_id)).all())
+    current = dict(s.exec(select(Judgment.annotator_id, func.count()).where(is_current())
+                          .group_by(Judgment.annotator_id)).all())
+    wrong = 0
+    for aid, has_judged, has_current in s.exec(select(Annotator.id, Annotator.judged_items,
+                                                      Annotator.current_judgments)).all():
+        if (has_judged, has_current) != (judged.get(aid, 0), current.get(aid, 0)):
+            wrong += 1
+            s.exec(update(Annotator).where(Annotator.id == aid)
+                   .values(judged_items=judged.get(aid, 0), current_judgments=current.get(aid, 0)))
     return wrong
 
 
@@ -159,10 +258,76 @@ def _was_given(s: Session, annotator_id: int, kind: str, item_id: int) -> bool:
     return bool(s.exec(_was_given_stmt(kind), params={"me": annotator_id, "item": item_id}).one())
 
 
-def _shift_ratings(s: Session, kind: str, item_id: int, delta: int) -> None:
-    if kind == "sample" and delta:
-        s.exec(update(Sample).where(Sample.id == item_id)
-                  .values(current_ratings=Sample.current_ratings + delta))
+# -- keeping the caches in step ---------------------------------------------------------------
+# Statements are built once per dialect (building them costs more than running them).
+
+@functools.cache
+def _upsert_stmt(dialect: str, model):
+    """Add ``:n`` to a tally row, creating it when missing (an executemany over key dicts)."""
+    keys, count = _tally_columns(model)
+    table = model.__table__
+    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    stmt = stmt.values({**{k: bindparam(k) for k in keys}, count: bindparam("n")})
+    return stmt.on_conflict_do_update(index_elements=keys, set_={count: table.c[count] + stmt.excluded[count]})
+
+
+_LOCK_SAMPLE = {
+    "postgresql": select(Sample.current_ratings).where(Sample.id == bindparam("item"))
+    .with_for_update(key_share=True),  # FOR NO KEY UPDATE, as an UPDATE would take
+    "sqlite": select(Sample.current_ratings).where(Sample.id == bindparam("item")),  # the write lock is held
+}
+_SHIFT_RATINGS = (update(Sample).where(Sample.id == bindparam("item"))  # locks the row, like _LOCK_SAMPLE
+                  .values(current_ratings=Sample.current_ratings + bindparam("shift")).returning(Sample.current_ratings))
+_CURRENT_ON_SAMPLE = (select(Judgment.annotator_id, func.count()).where(Judgment.sample_id == bindparam("item"),
+                                                                        is_current())
+                      .group_by(Judgment.annotator_id))
+_BUMP_ANNOTATOR = (update(Annotator).where(Annotator.id == bindparam("me"))
+                   .values(judged_items=Annotator.judged_items + bindparam("d_judged"),
+                           current_judgments=Annotator.current_judgments + bindparam("d_current")))
+
+
+def _bump(s: Session, model, deltas: Counter) -> None:
+    """Add the non-zero ``deltas`` (key tuple -> amount) to a tally, rows in key order."""
+    keys, _ = _tally_columns(model)
+    rows = [{**dict(zip(keys, k)), "n": d} for k, d in sorted(deltas.items()) if d]
+    if rows:
+        s.exec(_upsert_stmt(s.get_bind().dialect.name, model), params=rows)
+
+
+def _retally(s: Session, annotator_id: int, kind: str, item_id: int, new: Judgment, old: Judgment | None) -> None:
+    """Bring every cache in step with row ``new``, which supersedes ``old`` (None: the annotator's
+    first row on the item). Called last before COMMIT (see the module's note on concurrency)."""
+    now_current = new.verdict != "retracted"
+    was_current = old is not None and old.verdict != "retracted"
+    dialect = s.get_bind().dialect.name
+    by_rating: Counter = Counter()
+    if kind == "sample":
+        shift = int(new.verdict in DECISIVE) - int(old is not None and old.verdict in DECISIVE)
+        if shift:
+            # The sample tally follows by trigger; every current judgment on the sample moves.
+            after = s.exec(_SHIFT_RATINGS, params={"item": item_id, "shift": shift}).scalar_one()
+            before = after - shift
+            for other, n in s.exec(_CURRENT_ON_SAMPLE, params={"item": item_id}).all():
+                by_rating[(other, after)] += n
+                by_rating[(other, before)] -= n
+        elif now_current != was_current:
+            before = s.exec(_LOCK_SAMPLE[dialect], params={"item": item_id}).one()
+        if shift or now_current != was_current:
+            # The loop counted this annotator's "before" with ``new`` in place of ``old``.
+            by_rating[(annotator_id, before)] += now_current - was_current
+    _bump(s, RaterRatingTally, by_rating)
+    hours: Counter = Counter()
+    if now_current:
+        hours[(annotator_id, hour_of(new.created_at))] += 1
+    if was_current:
+        hours[(annotator_id, hour_of(old.created_at))] -= 1
+    _bump(s, RaterHourTally, hours)
+    if kind == "control" and old is None:
+        tile = s.get(Tile, item_id)
+        _bump(s, RaterControlTally, Counter({(annotator_id, tile.split, tile.class_name): 1}))
+    if old is None or now_current != was_current:
+        s.exec(_BUMP_ANNOTATOR, params={"me": annotator_id, "d_judged": int(old is None),
+                                        "d_current": now_current - was_current})
 
 
 def record_judgment(ws: Workspace, engine: Engine, annotator_id: int, *, kind: str, item_id: int, verdict: str,
@@ -201,9 +366,8 @@ def record_judgment(ws: Workspace, engine: Engine, annotator_id: int, *, kind: s
                          **{"sample_id" if kind == "sample" else "tile_id": item_id})
             s.add(j)
             s.flush()
-            was = head is not None and head.verdict in DECISIVE
-            _shift_ratings(s, kind, item_id, int(verdict in DECISIVE) - int(was))
             s.exec(delete(Lease).where(Lease.annotator_id == annotator_id, item_column(kind, Lease) == item_id))
+            _retally(s, annotator_id, kind, item_id, j, head)
             s.commit()
             return utc_judgment(j)
         except IntegrityError:
@@ -233,12 +397,14 @@ def undo_last(ws: Workspace, engine: Engine, annotator_id: int, *, request_id: s
                 return None
             kind = "sample" if last.sample_id is not None else "control"
             item_id = last.sample_id if kind == "sample" else last.tile_id
-            s.add(Judgment(annotator_id=annotator_id, sample_id=last.sample_id, tile_id=last.tile_id,
-                           verdict="retracted", reasons=[], comment="", request_id=request_id,
-                           supersedes_id=last.id, created_at=now))
-            _shift_ratings(s, kind, item_id, -int(last.verdict in DECISIVE))
+            retraction = Judgment(annotator_id=annotator_id, sample_id=last.sample_id, tile_id=last.tile_id,
+                                  verdict="retracted", reasons=[], comment="", request_id=request_id,
+                                  supersedes_id=last.id, created_at=now)
+            s.add(retraction)
+            s.flush()
             s.exec(delete(Lease).where(Lease.annotator_id == annotator_id, item_column(kind, Lease) == item_id))
             add_lease(s, ws, annotator_id, kind, item_id, now)  # newest lease: shown next
+            _retally(s, annotator_id, kind, item_id, retraction, last)
             s.commit()
             return utc_judgment(last)
         except IntegrityError:

@@ -23,6 +23,11 @@
   the annotator's row (one request per person at a time) and each candidate sample with
   ``FOR NO KEY UPDATE SKIP LOCKED``, then rechecks its slot in a new statement, which sees
   every lease committed before the lock was taken.
+- Progress reads tallies, not rows (store/models.py, "Tallies"): samples per rating count,
+  tiles per split and class, and per annotator their current judgments per rating count of
+  the sample, per hour, the control tiles they judged and their position. It is a few key
+  look-ups whatever the number of samples, tiles or judgments; only the hour in which the
+  latest round began is counted row by row (that hour's judgments of this annotator).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import functools
 import hashlib
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
 
@@ -40,7 +45,6 @@ from sqlalchemy import (
     DateTime,
     Integer,
     bindparam,
-    case,
     exists,
     func,
     literal_column,
@@ -50,16 +54,34 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from store.db import write_session
+from store.images import locate, location_columns
 from store.judgments import (  # noqa: F401  (record_judgment, undo_last, current_judgments: the queue's API)
     add_lease,
     current_judgments,
+    hour_of,
+    hour_start,
     is_current,
     lock_annotator,
     now_utc,
     record_judgment,
     undo_last,
 )
-from store.models import Image, Judgment, Lease, RewardScore, Round, Sample, Tile, as_utc
+from store.models import (
+    Annotator,
+    Image,
+    Judgment,
+    Lease,
+    RaterControlTally,
+    RaterHourTally,
+    RaterRatingTally,
+    RewardScore,
+    Round,
+    Sample,
+    SampleTally,
+    Tile,
+    TileTally,
+    as_utc,
+)
 from store.workspace import Workspace
 
 KEY_SPACE = 2**31  # queue_key range (models.new_queue_key)
@@ -105,23 +127,65 @@ def progress(ws: Workspace, engine: Engine, annotator_id: int, *, now: datetime 
     controls that will be mixed in among them.
     """
     now = now_utc(now)
-    overlap = ws.settings.overlap
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     with Session(engine) as s:
-        round_start = s.exec(select(Round.created_at).order_by(Round.number.desc()).limit(1)).first()
-        since = as_utc(round_start) if round_start is not None else datetime(1970, 1, 1, tzinfo=UTC)
-        # One pass over this annotator's current judgments; the open-sample test is a
-        # per-row key look-up (as a join, PostgreSQL would hash the whole sample table).
-        is_open = exists().where(Sample.id == Judgment.sample_id, Sample.current_ratings < overlap)
-        total, on_day, in_round, rated_open = s.exec(
-            select(func.count(), func.count(case((Judgment.created_at >= today, 1))),
-                   func.count(case((Judgment.created_at >= since, 1))), func.count(case((is_open, 1))))
-            .where(Judgment.annotator_id == annotator_id, is_current())).one()
-        open_total = s.exec(select(func.count()).select_from(Sample).where(Sample.current_ratings < overlap)).one()
-        controls = s.exec(select(func.count()).select_from(Tile).where(_control_tile(ws, annotator_id))).one()
-        position = _position(s, annotator_id)
-    remaining = _with_controls(open_total - rated_open, controls, ws.settings.control_share, 0, annotator_id, position)
+        round_start = s.exec(_LATEST_ROUND).first()
+        params = {"me": annotator_id, "overlap": ws.settings.overlap, "classes": list(ws.settings.classes),
+                  "today": hour_of(today), "round_hour": NO_HOUR, "since": today, "until": today}
+        if round_start is not None:
+            # Whole hours from the tally; the part of the hour the round began in, row by row.
+            since = as_utc(round_start)
+            first = hour_of(since)
+            whole = since == hour_start(first)
+            params.update(round_hour=first if whole else first + 1, since=since,
+                          until=since if whole else hour_start(first + 1))
+        total, position, open_total, rated_open, tiles, judged_tiles, on_day, in_round, round_part = s.exec(
+            _progress_stmt(), params=params).one()
+    in_round = total if round_start is None else in_round + round_part
+    remaining = _with_controls(open_total - rated_open, tiles - judged_tiles, ws.settings.control_share, 0,
+                               annotator_id, position)
     return {"rated_today": on_day, "rated_total": total, "rated_this_round": in_round, "remaining": remaining}
+
+
+_LATEST_ROUND = select(Round.created_at).order_by(Round.number.desc()).limit(1)
+NO_HOUR = 2**31 - 1  # a tally hour after every judgment
+
+
+@functools.cache
+def _progress_stmt():
+    """One statement: every count progress() needs, from the tallies (bind parameters: ``me``,
+    ``overlap``, ``classes``, the tally hours ``today`` and ``round_hour``, and the part of an
+    hour ``since`` <= created_at < ``until`` counted from the judgment rows)."""
+    me = bindparam("me", type_=Integer)
+    overlap = bindparam("overlap", type_=Integer)
+    classes = bindparam("classes", expanding=True)
+
+    def tally(column, *where):
+        return func.coalesce(select(func.sum(column)).where(*where).scalar_subquery(), 0)
+
+    def of_me(column):
+        return func.coalesce(select(column).where(Annotator.id == me).scalar_subquery(), 0)
+
+    at = DateTime(timezone=True)
+    round_part = (select(func.count()).select_from(Judgment)
+                  .where(Judgment.annotator_id == me, Judgment.created_at >= bindparam("since", type_=at),
+                         Judgment.created_at < bindparam("until", type_=at), is_current())
+                  .scalar_subquery())
+    return select(
+        of_me(Annotator.current_judgments),
+        of_me(Annotator.judged_items),
+        tally(SampleTally.samples, SampleTally.current_ratings < overlap),
+        tally(RaterRatingTally.judgments, RaterRatingTally.annotator_id == me,
+              RaterRatingTally.current_ratings < overlap),
+        tally(TileTally.tiles, TileTally.split.in_(CONTROL_SPLITS), TileTally.class_name.in_(classes)),
+        tally(RaterControlTally.tiles, RaterControlTally.annotator_id == me,
+              RaterControlTally.split.in_(CONTROL_SPLITS), RaterControlTally.class_name.in_(classes)),
+        tally(RaterHourTally.judgments, RaterHourTally.annotator_id == me,
+              RaterHourTally.hour >= bindparam("today", type_=Integer)),
+        tally(RaterHourTally.judgments, RaterHourTally.annotator_id == me,
+              RaterHourTally.hour >= bindparam("round_hour", type_=Integer)),
+        round_part,
+    )
 
 
 # -- leases --------------------------------------------------------------------------------
@@ -166,9 +230,11 @@ def _queue_item(s: Session, ws: Workspace, lease: Lease) -> QueueItem:
         kind, item_id, model = "sample", lease.sample_id, Sample
     else:
         kind, item_id, model = "control", lease.tile_id, Tile
-    path, shown = s.exec(select(Image.path, model.class_name).join(Image, Image.id == model.image_id)
+    shown, *loc = s.exec(select(model.class_name, *location_columns()).join(Image, Image.id == model.image_id)
                          .where(model.id == item_id)).one()
-    return QueueItem(kind, item_id, ws.root / path, shown, lease.id, as_utc(lease.expires_at))
+    # The app shows a PNG: a control tile from a shard gets one now (kept at its content address).
+    path = ws.images.png_path(locate(ws.root, *loc))
+    return QueueItem(kind, item_id, path, shown, lease.id, as_utc(lease.expires_at))
 
 
 # -- samples -------------------------------------------------------------------------------

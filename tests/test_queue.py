@@ -1,24 +1,56 @@
 """The annotation queue and judgments on SQLite and PostgreSQL: overlap, leases, controls,
-order, idempotent submits, edits, undo history, bad input, and many annotators at once."""
+order, idempotent submits, edits, undo history, bad input, many annotators at once, and the
+progress numbers (read from tallies) against a count of the rows."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, text
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import delete, func, text, update
 from sqlmodel import Session, select
 from store_rows import add_annotators, add_samples, add_tiles
 
-from store.db import make_engine, upgrade
+from store.db import _alembic_config, make_engine, upgrade
 from store.errors import PathloopError
 from store.judgments import DECISIVE, current_judgments, recount_ratings
-from store.models import Annotator, Judgment, Lease, RewardScore, RewardVersion, Round, Sample, utcnow
-from store.queue import KEY_SPACE, _mix, is_control_position, next_item, progress, record_judgment, undo_last
+from store.models import (
+    Annotator,
+    Judgment,
+    Lease,
+    RaterControlTally,
+    RaterHourTally,
+    RaterRatingTally,
+    RewardScore,
+    RewardVersion,
+    Round,
+    Sample,
+    SampleTally,
+    Tile,
+    TileTally,
+    metadata,
+    utcnow,
+)
+from store.queue import (
+    KEY_SPACE,
+    _mix,
+    _with_controls,
+    is_control_position,
+    next_item,
+    progress,
+    record_judgment,
+    undo_last,
+)
+from store.workspace import Workspace
 
 from conftest import BACKENDS, database_url
 
@@ -52,6 +84,32 @@ def rows(engine) -> list[Judgment]:
 
 def decisive_counts(engine) -> Counter:
     return Counter(j.sample_id for j in current_judgments(engine) if j.verdict in DECISIVE and j.sample_id)
+
+
+def counted_progress(ws, engine, annotator_id, now) -> dict:
+    """What ``progress`` must say, counted in Python from every row (no cached count is read)."""
+    with Session(engine) as s:
+        history = list(s.exec(select(Judgment)).all())
+        sample_ids = list(s.exec(select(Sample.id)).all())
+        tiles = list(s.exec(select(Tile)).all())
+        latest = s.exec(select(Round).order_by(Round.number.desc())).first()
+    at = {j.id: j.created_at.replace(tzinfo=UTC) if j.created_at.tzinfo is None else j.created_at for j in history}
+    superseded = {j.supersedes_id for j in history}
+    current = [j for j in history if j.id not in superseded and j.verdict != "retracted"]
+    ratings = Counter(j.sample_id for j in current if j.sample_id is not None and j.verdict in DECISIVE)
+    open_samples = {sid for sid in sample_ids if ratings[sid] < ws.settings.overlap}
+    mine = [j for j in current if j.annotator_id == annotator_id]
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    since = None if latest is None else latest.created_at.replace(tzinfo=latest.created_at.tzinfo or UTC)
+    judged_tiles = {j.tile_id for j in history if j.annotator_id == annotator_id and j.tile_id is not None}
+    controls = sum(t.split in ("val", "test") and t.class_name in ws.settings.classes and t.id not in judged_tiles
+                   for t in tiles)
+    position = sum(j.annotator_id == annotator_id and j.supersedes_id is None for j in history)
+    samples_left = len(open_samples) - sum(j.sample_id in open_samples for j in mine)
+    return {"rated_today": sum(at[j.id] >= today for j in mine), "rated_total": len(mine),
+            "rated_this_round": len(mine) if since is None else sum(at[j.id] >= since for j in mine),
+            "remaining": _with_controls(samples_left, controls, ws.settings.control_share, 0, annotator_id,
+                                        position)}
 
 
 def test_overlap_target_no_repeats_then_nothing_left(engine, ws_of):
@@ -402,5 +460,140 @@ def test_many_annotators_at_once_lose_and_duplicate_nothing(backend, request, tm
     sent = sorted(r for rids in submitted.values() for r in rids)
     assert sorted(j.request_id for j in history) == sent  # every submitted judgment stored, once
     assert sum(j.tile_id is not None for j in history) > 0  # controls were mixed in
-    assert recount_ratings(setup) == 0
+    assert recount_ratings(setup) == 0  # the cached counts and every tally agree with the rows
+    now = utcnow()
+    assert all(progress(ws, setup, a, now=now) == counted_progress(ws, setup, a, now) for a in annotators)
     setup.dispose()
+
+
+def _history_of_three_raters(ws, engine, t0: datetime) -> list[int]:
+    """Three raters over three days, across hour and day boundaries: ratings, unsure, edits,
+    undos and ratings after an undo, with controls mixed in; a fourth account never rates."""
+    raters = add_annotators(engine, "ada", "bob", "cy", "dee")
+    verdicts = ("plausible", "implausible", "unsure", "plausible", "implausible")
+    for step in range(90):
+        a = raters[step % 3]
+        now = t0 + timedelta(minutes=47 * step)
+        item = next_item(ws, engine, a, now=now)
+        if item is None:
+            continue
+        rate(ws, engine, a, item, verdicts[step % 5], now=now)
+        if step % 6 == 0:  # an edit: another verdict on the same item, a few minutes later
+            rate(ws, engine, a, item, verdicts[(step + 2) % 5], now=now + timedelta(minutes=4))
+        if step % 7 == 3:
+            undo_last(ws, engine, a, request_id=uuid.uuid4().hex, now=now + timedelta(minutes=5))
+            if step % 14 == 3:  # rated again after the undo
+                again = next_item(ws, engine, a, now=now + timedelta(minutes=6))
+                rate(ws, engine, a, again, "implausible", now=now + timedelta(minutes=6))
+    return raters
+
+
+def test_progress_numbers_equal_a_count_of_the_rows(engine, ws_of):
+    """Exactness of the tallies progress reads: against a count of the rows in Python, for
+    several raters, at several times, before and after rounds began (mid-hour and on the
+    hour), under other overlap targets and class lists, and after a rebuild of broken tallies."""
+    ws = ws_of(overlap=2, control_share=0.25)
+    add_samples(engine, 24)
+    add_tiles(engine, 6, split="test")
+    add_tiles(engine, 4, split="val", tag="v")
+    add_tiles(engine, 3, split="train", tag="tr")  # never controls
+    add_tiles(engine, 2, split="test", classes=("other",), tag="o")  # not a workspace class
+    t0 = datetime(2026, 3, 1, 22, 13, 7, 250000, tzinfo=UTC)
+    raters = _history_of_three_raters(ws, engine, t0)
+    with Session(engine) as s:
+        assert s.exec(select(func.count()).where(Judgment.verdict == "retracted")).one() >= 5
+        assert s.exec(select(func.count()).where(Judgment.tile_id.is_not(None))).one() >= 3
+        full = s.exec(select(func.count()).select_from(Sample).where(Sample.current_ratings >= 2)).one()
+        assert full > 0  # some samples reached the overlap target: they leave the open count
+    variants = [ws] + [Workspace(ws.root, dataclasses.replace(ws.settings, **change)) for change in
+                       ({"overlap": 1}, {"overlap": 3, "control_share": 0.1}, {"classes": ["dab_positive"]})]
+
+    def check(*times):
+        for w in variants:
+            for now in times:
+                for a in raters:
+                    assert progress(w, engine, a, now=now) == counted_progress(w, engine, a, now), (w.settings, now, a)
+
+    end = t0 + timedelta(days=3)
+    check(t0 + timedelta(hours=20), t0 + timedelta(days=2), end)
+    with Session(engine) as s:
+        s.add(Round(number=1, created_at=t0 + timedelta(hours=26, minutes=31, seconds=5)))  # mid-hour
+        s.commit()
+    check(t0 + timedelta(days=2), end)
+    with Session(engine) as s:
+        s.add(Round(number=2, created_at=datetime(2026, 3, 3, 9, tzinfo=UTC)))  # on the hour
+        s.commit()
+    check(end)
+    assert progress(ws, engine, raters[0], now=end)["rated_this_round"] > 0
+    assert recount_ratings(engine) == 0
+
+    # A rebuild repairs every tally, whatever went wrong with it.
+    with Session(engine) as s:
+        s.exec(delete(RaterHourTally).where(RaterHourTally.annotator_id == raters[0]))
+        s.exec(update(RaterRatingTally).values(judgments=RaterRatingTally.judgments + 1))
+        s.exec(update(RaterControlTally).values(tiles=0))
+        s.exec(update(SampleTally).values(samples=SampleTally.samples + 5))
+        s.exec(delete(TileTally).where(TileTally.split == "val"))
+        s.exec(update(Annotator).values(judged_items=0, current_judgments=99))
+        s.commit()
+    assert recount_ratings(engine) > 0
+    assert recount_ratings(engine) == 0
+    check(end)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_migration_0004_backfills_the_tallies(backend, request, tmp_path, make_workspace):
+    url = database_url(backend, request, tmp_path, migrated=False)
+    engine = make_engine(url)
+    upgrade(engine, ScriptDirectory.from_config(_alembic_config(None)).get_revision("0004").down_revision)
+    stamp = "2026-03-01 10:30:00"
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO image (id, sha256, width, height, path) VALUES (1, 'a', 1, 1, 'p')"))
+        c.execute(text("INSERT INTO generator_version (id, folder, kind, config, created_at) "
+                       "VALUES (1, 'g', 'pretrained', '{}', CURRENT_TIMESTAMP)"))
+        for aid in (1, 2):
+            c.execute(text("INSERT INTO annotator (id, username, role, active, created_at, failed_logins) "
+                           "VALUES (:a, :u, 'annotator', true, CURRENT_TIMESTAMP, 0)"), {"a": aid, "u": f"r{aid}"})
+        for sid, ratings in ((1, 1), (2, 2), (3, 0)):
+            c.execute(text("INSERT INTO sample (id, image_id, generator_id, class_name, seed, sampler, steps, guidance,"
+                           " created_at, current_ratings, queue_key) VALUES (:i, 1, 1, 'dab_negative', :i, 'ddpm', 2,"
+                           " 0, CURRENT_TIMESTAMP, :r, :i)"), {"i": sid, "r": ratings})
+        for tid, split in ((1, "test"), (2, "val"), (3, "train")):
+            c.execute(text("INSERT INTO tile (id, image_id, class_name, split, created_at) "
+                           "VALUES (:t, 1, 'dab_positive', :s, CURRENT_TIMESTAMP)"), {"t": tid, "s": split})
+        for jid, sid, tid, aid, verdict, sup in [(1, 1, None, 1, "plausible", None), (2, 2, None, 1, "implausible", None),
+                                                 (3, 2, None, 2, "plausible", None), (4, 1, None, 2, "plausible", None),
+                                                 (5, 1, None, 2, "retracted", 4), (6, None, 1, 1, "plausible", None),
+                                                 (7, None, 1, 1, "retracted", 6), (8, 3, None, 2, "unsure", None)]:
+            c.execute(text("INSERT INTO judgment (id, sample_id, tile_id, annotator_id, verdict, reasons, comment,"
+                           " request_id, supersedes_id, created_at) VALUES (:j, :s, :t, :a, :v, '[]', '', :r, :p,"
+                           f" '{stamp}')"),
+                      {"j": jid, "s": sid, "t": tid, "a": aid, "v": verdict, "r": f"r{jid}", "p": sup})
+    upgrade(engine)
+    assert recount_ratings(engine) == 0  # the backfill built every tally the rebuild would
+    ws = make_workspace(url, overlap=2, control_share=0.5)
+    for now in (datetime(2026, 3, 1, 23, tzinfo=UTC), datetime(2026, 3, 2, 1, tzinfo=UTC)):
+        for a in (1, 2):
+            assert progress(ws, engine, a, now=now) == counted_progress(ws, engine, a, now)
+    assert progress(ws, engine, 1, now=datetime(2026, 3, 1, 23, tzinfo=UTC))["rated_total"] == 2
+    # The triggers keep the sample and tile tallies from here on, however rows are added.
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO tile (id, image_id, class_name, split, created_at) "
+                       "VALUES (4, 1, 'dab_positive', 'test', CURRENT_TIMESTAMP)"))
+        c.execute(text("UPDATE sample SET current_ratings = 2 WHERE id = 1"))
+        c.execute(text("DELETE FROM judgment WHERE sample_id = 3"))
+        c.execute(text("DELETE FROM sample WHERE id = 3"))
+    with Session(engine) as s:
+        assert dict(s.exec(select(SampleTally.current_ratings, SampleTally.samples)).all()) == {0: 0, 1: 0, 2: 2}
+        assert s.exec(select(TileTally.tiles).where(TileTally.split == "test")).one() == 2
+    engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_migrated_schema_matches_the_models(backend, request, tmp_path):
+    engine = make_engine(database_url(backend, request, tmp_path))
+    with engine.connect() as c, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SQLite cannot reflect the expression index: it is skipped
+        diff = compare_metadata(MigrationContext.configure(c, opts={"compare_type": True}), metadata)
+    assert diff == []
+    engine.dispose()
