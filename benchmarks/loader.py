@@ -1,10 +1,11 @@
 """The training batch path against indexing an in-memory tensor, and pretraining's peak memory per tile count.
 
-1. Images/s of the batch path at 64 px: ``TileSet`` reads tiles from the store's shards and
-   ``step_loader`` makes each step's noised batch (``denoising_batch``) ahead in 2 worker
-   processes, against the same batches made in this process from one uint8 tensor holding
-   every tile (what ``TileSet`` did before: ~196 GB for 10^6 tiles of 256 px). Same positions,
-   same batches (checked), one run.
+1. Images/s of the batch path at 64 px, up to model-ready inputs (noisy tiles, timesteps,
+   classes, noise): 2 data worker processes read each step's tiles from the store's shards and
+   augment them (``step_loader``), the training process draws the noise from the same
+   generator state; against the same batches made in this process from one uint8 tensor
+   holding every tile (what ``TileSet`` did before: ~196 GB for 10^6 tiles of 256 px). Same
+   positions, same batches (checked), one run.
 2. Peak RSS of ``pathloop pretrain --steps 20`` on workspaces of about 5k, 50k and 200k
    stored 64-px tiles: of the main process, and of the process tree (data workers included;
    forked workers share the parent's pages, so the tree figure counts those pages twice).
@@ -34,7 +35,7 @@ CACHE = Path(__file__).parent / ".cache" / "loader"
 TILE = 64
 # slide edge → tiles of 64 px on a 64-px grid (the IHC pattern is tissue nearly everywhere)
 SIZES = {"5k": 4544, "50k": 14336, "200k": 28672}
-BATCH, STEPS = 32, 200
+BATCH, STEPS, REPEATS = 32, 200, 5
 
 
 def workspace(name: str, size: int) -> Path:
@@ -66,12 +67,12 @@ def workspace(name: str, size: int) -> Path:
     return root
 
 
-def batch_path_rates(root: Path, workers: int) -> tuple[float, float]:
-    """(streamed images/s, in-memory images/s) of the same ``STEPS`` pretraining batches."""
+def batch_path_rates(root: Path, workers: int) -> dict[str, float]:
+    """Images/s of the same ``STEPS`` pretraining batches, model-ready, made four ways (the first is the peer)."""
     from diffusers import DDPMScheduler
 
-    from finetune.data import StepBatches, TileSet, step_generator, step_loader
-    from finetune.pretrain import denoising_batch
+    from finetune.data import StepBatches, StepTiles, TileSet, step_generator, step_loader
+    from finetune.pretrain import augmented, denoising_batch, noised_batch
     from store.db import make_engine
     from store.generators import tile_table
     from store.workspace import Workspace
@@ -83,41 +84,58 @@ def batch_path_rates(root: Path, workers: int) -> tuple[float, float]:
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     batches = StepBatches(len(data), BATCH, seed=0)
 
-    def streamed(position: int):
+    def read_ahead(position: int) -> StepTiles:  # what pretraining's data workers do
         idx = batches.indices(position)
-        return denoising_batch(data.batch(idx), data.class_ids[idx], scheduler=scheduler,
-                               g=step_generator(0, position), null_id=1, class_dropout=0.1, augment=True)
+        g = step_generator(0, position)
+        return StepTiles.of(augmented(data.batch(idx), g, True), data.class_ids[idx], g)
+
+    def streamed(ready):
+        tiles = next(ready)
+        return noised_batch(*tiles.tensors(), scheduler=scheduler, g=tiles.generator(), null_id=1, class_dropout=0.1)
 
     in_memory = data.batch(np.arange(len(data)))  # every tile decoded into one tensor, as before
 
-    def indexed(position: int):
+    def indexed(positions):
+        position = next(positions)
         idx = torch.from_numpy(batches.indices(position))
         return denoising_batch(in_memory[idx], data.class_ids[idx], scheduler=scheduler,
                                g=step_generator(0, position), null_id=1, class_dropout=0.1, augment=True)
 
-    rates = []
-    for make, n_workers in ((streamed, workers), (indexed, 0)):
-        ready = step_loader(make, range(STEPS), n_workers)
-        first = next(ready)  # the workers' start-up is paid once per run, not per step
-        start = time.perf_counter()
-        for _ in range(STEPS - 1):
-            got = next(ready)
-        rates.append((STEPS - 1) * BATCH / (time.perf_counter() - start))
-        if make is streamed:
-            stream_first, stream_last = first, got
-        else:
-            assert all(torch.equal(a, b) for a, b in zip(stream_first, first)), "streamed and indexed batches differ"
-            assert all(torch.equal(a, b) for a, b in zip(stream_last, got)), "streamed and indexed batches differ"
+    threads = torch.get_num_threads()
+    variants = {  # name: (batch maker, its source of positions, torch threads of this process)
+        "in-memory tensor, this process": (indexed, lambda: iter(range(STEPS)), threads),
+        "shards, in this process (0 workers)": (streamed, lambda: step_loader(read_ahead, range(STEPS), 0), threads),
+        f"shards + {workers} workers": (streamed, lambda: step_loader(read_ahead, range(STEPS), workers), threads),
+        f"shards + {workers} workers, 1 thread here": (streamed, lambda: step_loader(read_ahead, range(STEPS), workers),
+                                                       1),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(REPEATS):  # alternating, so all see the same machine; medians reported
+        outputs = []
+        for name, (make, source_of, n_threads) in variants.items():
+            torch.set_num_threads(n_threads)
+            source = source_of()
+            first = make(source)  # the workers' start-up is paid once per run, not per step
+            start = time.perf_counter()
+            for _ in range(STEPS - 1):
+                last = make(source)
+            rates[name].append((STEPS - 1) * BATCH / (time.perf_counter() - start))
+            outputs.append((first, last))
+            del source  # ends the workers
+            torch.set_num_threads(threads)
+        for other in outputs[1:]:
+            for a, b in zip(outputs[0], other):
+                assert all(torch.equal(x, y) for x, y in zip(a, b)), "streamed and in-memory batches differ"
     engine.dispose()
-    return rates[0], rates[1]
+    return {name: float(np.median(r)) for name, r in rates.items()}
 
 
-def peak_rss(root: Path, steps: int) -> tuple[float, float, float]:
+def peak_rss(root: Path, steps: int, workers: int = 2) -> tuple[float, float, float]:
     """(main-process peak MB, process-tree peak MB, seconds) of ``pathloop pretrain --steps``."""
     exe = Path(sys.executable).with_name("pathloop")
     run = f"rss-{time.time_ns()}"
     cmd = [str(exe), "pretrain", "-w", str(root), "--preset", "tiny", "--steps", str(steps), "--batch-size",
-           str(BATCH), "--run-name", run, "--checkpoint-every", str(steps), "--data-workers", "2"]
+           str(BATCH), "--run-name", run, "--checkpoint-every", str(steps), "--data-workers", str(workers)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ps, main_peak, tree_peak = psutil.Process(proc.pid), 0, 0
@@ -145,10 +163,12 @@ def main() -> None:
     roots = {n: workspace(n, SIZES[n]) for n in names}
     print(f"{os.cpu_count()} cores, torch {torch.__version__}, {TILE} px tiles, batch {BATCH}")
 
-    streamed, indexed = batch_path_rates(roots[names[0]], args.workers)
-    print(f"\nbatch path on {names[0]} ({STEPS} steps, identical batches):")
-    print(f"  {'in-memory tensor, this process':<40} {indexed:9.0f} images/s   1.00x")
-    print(f"  {f'shards + step_loader, {args.workers} workers':<40} {streamed:9.0f} images/s   {streamed / indexed:.2f}x")
+    rates = batch_path_rates(roots[names[0]], args.workers)
+    peer = next(iter(rates.values()))
+    print(f"\nbatch path on {names[0]} ({STEPS} steps of {BATCH}, identical batches; median of {REPEATS} "
+          f"alternating runs; {torch.get_num_threads()} torch threads unless said):")
+    for name, rate in rates.items():
+        print(f"  {name:<42} {rate:9.0f} images/s   {rate / peer:.2f}x")
 
     print(f"\npathloop pretrain --steps {args.steps} --batch-size {BATCH} --data-workers 2 (peak RSS):")
     first = None
@@ -165,6 +185,8 @@ def main() -> None:
         first = first or main_mb
         print(f"  {n:>5}: {count:7d} train tiles   main {main_mb:7.0f} MB ({main_mb / first:.2f}x)   "
               f"tree {tree_mb:7.0f} MB   {secs:5.1f} s")
+    main_mb, tree_mb, secs = peak_rss(roots[names[0]], args.steps, workers=0)
+    print(f"  {names[0]:>5} with --data-workers 0: main {main_mb:7.0f} MB   {secs:5.1f} s (the whole command)")
 
 
 if __name__ == "__main__":

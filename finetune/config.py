@@ -34,8 +34,9 @@ class PretrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of model init, batches and noise"})
     log_with: str | None = field(default=None, metadata={"help": "accelerate tracker, e.g. tensorboard"})
     run_name: str = field(default="pretrain", metadata={"help": "folder under runs/ for checkpoints and logs"})
-    data_workers: int = field(default=2, metadata={
-        "help": "processes that read tiles from the store and noise batches ahead of training (0: in this process)"})
+    data_workers: int = field(default=-1, metadata={
+        "help": "processes that read and augment each step's tiles ahead of training (0: in the training process; "
+                "-1: auto, 2 on a GPU and 0 on the CPU, where the model's own threads already use every core)"})
 
     def __post_init__(self) -> None:
         checks = [
@@ -55,12 +56,19 @@ class PretrainConfig:
             (self.mixed_precision in ("no", "fp16", "bf16", "auto"), "mixed_precision must be no, fp16, bf16 or auto"),
             (self.run_name and "/" not in self.run_name and not self.run_name.startswith("."),
              "run_name must be a plain folder name"),
-            (self.data_workers >= 0, "data_workers must be >= 0"),
+            (self.data_workers >= -1, "data_workers must be >= 0, or -1 for auto"),
         ]
         _raise_first_failed(self, checks)
 
     # Fields that may change between a checkpoint and its resumption (batches do not depend on them).
     RESUMABLE_CHANGES = ("log_with", "checkpoint_every", "checkpoints_keep", "data_workers")
+
+
+def data_workers(configured: int, device) -> int:
+    """``configured``, or for -1 (auto): 2 on an accelerator, 0 on the CPU."""
+    if configured >= 0:
+        return configured
+    return 0 if getattr(device, "type", str(device)) == "cpu" else 2
 
 
 def _raise_first_failed(cfg, checks: list[tuple[bool, str]]) -> None:
@@ -130,8 +138,9 @@ class FinetuneConfig:
     seed: int = field(default=0, metadata={"help": "seed of batches and noise"})
     log_with: str | None = field(default=None, metadata={"help": "accelerate tracker, e.g. tensorboard"})
     run_name: str = field(default="finetune", metadata={"help": "folder under runs/ for checkpoints and logs"})
-    data_workers: int = field(default=2, metadata={
-        "help": "processes that read tiles from the store and noise batches ahead of training (0: in this process)"})
+    data_workers: int = field(default=-1, metadata={
+        "help": "processes that read and augment each step's tiles ahead of training (0: in the training process; "
+                "-1: auto, 2 on a GPU and 0 on the CPU, where the model's own threads already use every core)"})
 
     def __post_init__(self) -> None:
         self.samples = str(self.samples).strip().lower()
@@ -168,7 +177,7 @@ class FinetuneConfig:
             (self.mixed_precision in ("no", "fp16", "bf16", "auto"), "mixed_precision must be no, fp16, bf16 or auto"),
             (self.run_name and "/" not in self.run_name and not self.run_name.startswith("."),
              "run_name must be a plain folder name"),
-            (self.data_workers >= 0, "data_workers must be >= 0"),
+            (self.data_workers >= -1, "data_workers must be >= 0, or -1 for auto"),
         ]
         _raise_first_failed(self, checks)
 

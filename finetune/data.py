@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,38 @@ class TileSet:
         return torch.from_numpy(self.images.batch(np.asarray(indices))).permute(0, 3, 1, 2).contiguous()
 
 
+@dataclass(frozen=True)
+class StepTiles:
+    """One micro-batch's tiles as a data worker hands them over: read and augmented, still uint8.
+
+    ``rng`` is the step's generator state after the augmentation drew from it, so the
+    training process draws the noise exactly as if it had done everything itself; uint8
+    tiles are a quarter of the float batch to pass between processes. ``extra`` carries what
+    the loop needs beside them (sample indices, a pair count).
+    """
+
+    images: np.ndarray  # (B, 3, H, W) uint8
+    class_ids: np.ndarray  # (B,) int64
+    rng: np.ndarray  # torch.Generator state
+    extra: object = None
+
+    @classmethod
+    def of(cls, images: torch.Tensor, class_ids, g: torch.Generator, extra: object = None) -> StepTiles:
+        return cls(images.numpy(), np.asarray(class_ids, np.int64), g.get_state().numpy(), extra)
+
+    def generator(self) -> torch.Generator:
+        g = torch.Generator()
+        g.set_state(torch.from_numpy(self.rng.copy()))
+        return g
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(self.images), torch.from_numpy(self.class_ids)
+
+
+def _as_is(item):
+    return item
+
+
 class _Positions(torch.utils.data.Dataset):
     def __init__(self, make: Callable[[int], object], positions: range):
         self.make, self.positions = make, positions
@@ -72,22 +105,47 @@ class _Positions(torch.utils.data.Dataset):
         return self.make(self.positions[k])
 
 
-def step_loader(make: Callable[[int], object], positions: range, workers: int) -> Iterator:
+PREFETCH = 2  # batches each worker makes ahead
+
+
+def step_loader(make: Callable[[int], StepTiles], positions: range, workers: int) -> Iterator[StepTiles]:
     """``make(position)`` for each position in order, made ahead in ``workers`` processes (0: here).
 
     ``make`` is a pure function of the position (its data and noise come from
     ``step_generator``), so what a worker makes is what this process would have made, and a
     resumed run, which starts at a later position, sees the same batches as an uninterrupted one.
+
+    Workers write the tiles into slots of one shared-memory buffer and send only the slot
+    number: passing each batch through a pipe or a shared-memory segment of its own costs
+    more than reading it. A yielded batch's ``images`` stay valid until the next batch after
+    it is asked for (the loops turn them into model inputs at once).
     """
     if workers <= 0 or len(positions) <= 1:
-        return (make(p) for p in positions)
+        yield from (make(p) for p in positions)
+        return
+    first = make(positions[0])  # its shape sizes the buffer
+    yield first
+    rest = positions[1:]
+    slots = PREFETCH * workers + 2  # a slot is rewritten only two batches after it was handed out
+    buffer = torch.empty((slots, *first.images.shape), dtype=torch.uint8).share_memory_()
+
+    def into_slot(k: int):  # in a worker
+        tiles = make(rest[k])
+        slot = buffer[k % slots].numpy()
+        if tiles.images.shape != slot.shape:
+            return tiles, -1  # another shape (not made by pathloop's loops): through the pipe
+        slot[...] = tiles.images
+        return replace(tiles, images=None), k % slots
+
     loader = torch.utils.data.DataLoader(
-        _Positions(make, positions), batch_size=None, shuffle=False, num_workers=min(workers, len(positions)),
-        prefetch_factor=4, persistent_workers=False,
-        # fork: the workers inherit ``make`` and its data without pickling; they use the CPU only.
+        _Positions(into_slot, range(len(rest))), batch_size=None, shuffle=False,
+        num_workers=min(workers, len(rest)), prefetch_factor=PREFETCH, persistent_workers=False,
+        collate_fn=_as_is,  # numpy metadata as it is, no conversion to tensors
+        # fork: the workers inherit ``make``, its data and the buffer without pickling; CPU only.
         multiprocessing_context="fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None,
     )
-    return iter(loader)
+    for tiles, slot in loader:
+        yield tiles if slot < 0 else replace(tiles, images=buffer[slot].numpy())
 
 
 def _mix(*parts: int) -> int:

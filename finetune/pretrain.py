@@ -25,8 +25,16 @@ from diffusers.training_utils import EMAModel
 from sqlalchemy.engine import Engine
 from tqdm.auto import tqdm
 
-from finetune.config import PretrainConfig
-from finetune.data import StepBatches, TileSet, dihedral, step_generator, step_loader, to_model_range
+from finetune.config import PretrainConfig, data_workers
+from finetune.data import (
+    StepBatches,
+    StepTiles,
+    TileSet,
+    dihedral,
+    step_generator,
+    step_loader,
+    to_model_range,
+)
 from finetune.runs import (
     check_launch,
     check_resumable,
@@ -54,11 +62,23 @@ def denoising_batch(images_uint8: torch.Tensor, class_ids: torch.Tensor, *, sche
                     g: torch.Generator, null_id: int, class_dropout: float, augment: bool):
     """Noisy inputs for one micro-batch, all randomness from ``g`` (on the CPU, so any device agrees).
 
-    Returns ``(noisy (B,3,H,W), timesteps (B,), classes (B,), noise (B,3,H,W))``.
+    Returns ``(noisy (B,3,H,W), timesteps (B,), classes (B,), noise (B,3,H,W))``. The same as
+    ``noised_batch(augmented(images, g, augment), ...)``, the two halves a data worker and the
+    training process split between them.
     """
+    return noised_batch(augmented(images_uint8, g, augment), class_ids, scheduler=scheduler, g=g, null_id=null_id,
+                        class_dropout=class_dropout)
+
+
+def augmented(images_uint8: torch.Tensor, g: torch.Generator, augment: bool) -> torch.Tensor:
+    """``(B, 3, H, W)`` uint8 under seeded flips/rotations (the first draws from ``g``); pixels are only moved."""
+    return dihedral(images_uint8, g) if augment else images_uint8
+
+
+def noised_batch(images_uint8: torch.Tensor, class_ids: torch.Tensor, *, scheduler: DDPMScheduler,
+                 g: torch.Generator, null_id: int, class_dropout: float):
+    """The rest of ``denoising_batch`` after augmentation: noise, timesteps and class dropout from ``g``."""
     x = to_model_range(images_uint8)
-    if augment:
-        x = dihedral(x, g)
     noise = torch.randn(x.shape, generator=g)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x.shape[0],), generator=g)
     drop = torch.rand(x.shape[0], generator=g) < class_dropout
@@ -149,18 +169,20 @@ def pretrain(ws: Workspace, engine: Engine, cfg: PretrainConfig, *, resume: str 
     end = cfg.train_steps if stop_after is None else min(cfg.train_steps, stop_after)
     accumulation = cfg.train_gradient_accumulation_steps
 
-    def make_batch(position: int):  # a pure function of the position: run ahead in data workers
+    def read_ahead(position: int) -> StepTiles:  # a pure function of the position: run in data workers
         step, micro = divmod(position, accumulation)
         idx = batches.indices(position, rank, procs)
-        return denoising_batch(
-            data.batch(idx), data.class_ids[idx], scheduler=noise_scheduler, g=step_generator(cfg.seed, step, micro, rank),
-            null_id=null_id, class_dropout=cfg.train_class_dropout, augment=cfg.train_augment)
+        g = step_generator(cfg.seed, step, micro, rank)
+        return StepTiles.of(augmented(data.batch(idx), g, cfg.train_augment), data.class_ids[idx], g)
 
-    ready = step_loader(make_batch, range(first_step * accumulation, end * accumulation), cfg.data_workers)
+    workers = data_workers(cfg.data_workers, accelerator.device)
+    ready = step_loader(read_ahead, range(first_step * accumulation, end * accumulation), workers)
     for step in range(first_step, end):
         loss = None
         for _micro in range(accumulation):
-            inputs = next(ready)
+            ahead = next(ready)
+            inputs = noised_batch(*ahead.tensors(), scheduler=noise_scheduler, g=ahead.generator(),
+                                  null_id=null_id, class_dropout=cfg.train_class_dropout)
             loss = denoising_update(accelerator, unet, optimizer, lr_scheduler, inputs, cfg.train_max_grad_norm)
         if not accelerator.sync_gradients:  # accumulate() syncs on the last micro-batch
             raise RuntimeError("gradient accumulation fell out of step with the loop")

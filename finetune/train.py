@@ -36,18 +36,18 @@ from diffusers.training_utils import EMAModel
 from sqlalchemy.engine import Engine
 from tqdm.auto import tqdm
 
-from finetune.config import FinetuneConfig
+from finetune.config import FinetuneConfig, data_workers
 from finetune.data import (
     PairBatches,
     StepBatches,
+    StepTiles,
     TileSet,
-    dihedral,
     step_generator,
     step_loader,
     to_model_range,
 )
 from finetune.losses import WeightedLoss, pair_accuracy, preference_loss, reward_weighted_loss, sample_weights
-from finetune.pretrain import denoising_batch, export_pipeline
+from finetune.pretrain import augmented, export_pipeline, noised_batch
 from finetune.registry import load_generator, version_info
 from finetune.runs import (
     check_launch,
@@ -255,10 +255,16 @@ def preference_batch(win: torch.Tensor, lose: torch.Tensor, win_classes: torch.T
 
     Returns ``(noisy (2P+B,3,H,W), timesteps, classes, noise)``: plausible tiles, their partners, real tiles.
     """
-    pairs, n_real = win.shape[0], real.shape[0]
-    x = to_model_range(torch.cat([win, lose, real]))
-    if augment:
-        x = dihedral(x, g)
+    x = augmented(torch.cat([win, lose, real]), g, augment)
+    return preference_noised(x, win_classes, real_classes, scheduler=scheduler, g=g, null_id=null_id,
+                             class_dropout=class_dropout)
+
+
+def preference_noised(x_uint8: torch.Tensor, win_classes: torch.Tensor, real_classes: torch.Tensor, *,
+                      scheduler: DDPMScheduler, g: torch.Generator, null_id: int, class_dropout: float):
+    """``preference_batch`` after augmentation: ``x_uint8`` is ``(2P+B, 3, H, W)``, pairs first."""
+    pairs, n_real = win_classes.shape[0], real_classes.shape[0]
+    x = to_model_range(x_uint8)
     shape = x.shape[1:]
     pair_noise, real_noise = torch.randn((pairs, *shape), generator=g), torch.randn((n_real, *shape), generator=g)
     steps = scheduler.config.num_train_timesteps
@@ -403,33 +409,35 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
         stopped_early, end = first_step, first_step  # resumed after the early stop, before the export
     accumulation = cfg.train_gradient_accumulation_steps
 
-    def make_batch(position: int):  # a pure function of the position: run ahead in data workers
+    def read_ahead(position: int) -> StepTiles:  # a pure function of the position: run in data workers
         step, micro = divmod(position, accumulation)
         ri = real_batches.indices(position, rank, procs)
         g = step_generator(cfg.seed, step, micro, rank)
         if preference:
             wi, li = pair_batches.indices(position, rank, procs)
-            return len(wi), preference_batch(
-                synthetic.batch(wi), synthetic.batch(li), synthetic.class_ids[wi], real.batch(ri),
-                real.class_ids[ri], scheduler=noise_scheduler, g=g, null_id=parent.null_id,
-                class_dropout=cfg.train_class_dropout, augment=cfg.train_augment)
+            x = augmented(torch.cat([synthetic.batch(wi), synthetic.batch(li), real.batch(ri)]), g, cfg.train_augment)
+            return StepTiles.of(x, torch.cat([synthetic.class_ids[wi], real.class_ids[ri]]), g, extra=len(wi))
         si = synthetic_batches.indices(position, rank, procs)
-        return si, denoising_batch(
-            torch.cat([synthetic.batch(si), real.batch(ri)]),
-            torch.cat([synthetic.class_ids[si], real.class_ids[ri]]),
-            scheduler=noise_scheduler, g=g, null_id=parent.null_id,
-            class_dropout=cfg.train_class_dropout, augment=cfg.train_augment)
+        x = augmented(torch.cat([synthetic.batch(si), real.batch(ri)]), g, cfg.train_augment)
+        return StepTiles.of(x, torch.cat([synthetic.class_ids[si], real.class_ids[ri]]), g, extra=si)
 
-    ready = step_loader(make_batch, range(first_step * accumulation, end * accumulation), cfg.data_workers)
+    workers = data_workers(cfg.data_workers, accelerator.device)
+    ready = step_loader(read_ahead, range(first_step * accumulation, end * accumulation), workers)
     for step in range(first_step, end):
         for _micro in range(accumulation):
+            ahead = next(ready)
+            images, class_ids = ahead.tensors()
             if preference:
-                n_pairs, inputs = next(ready)
+                n_pairs = ahead.extra
+                inputs = preference_noised(images, class_ids[:n_pairs], class_ids[n_pairs:], scheduler=noise_scheduler,
+                                           g=ahead.generator(), null_id=parent.null_id,
+                                           class_dropout=cfg.train_class_dropout)
                 terms, extra = preference_update(accelerator, unet, reference, optimizer, lr_scheduler, inputs,
                                                  n_pairs, cfg.preference_beta, cfg.beta, cfg.train_max_grad_norm)
                 continue
-            si, inputs = next(ready)
-            si = torch.as_tensor(si)
+            inputs = noised_batch(images, class_ids, scheduler=noise_scheduler, g=ahead.generator(),
+                                  null_id=parent.null_id, class_dropout=cfg.train_class_dropout)
+            si = torch.as_tensor(ahead.extra)
             weights = sample_weights(expert[si], reward[si], cfg.weighting, cfg.weighting_threshold)
             terms = weighted_update(accelerator, unet, optimizer, lr_scheduler, inputs, weights, cfg.beta,
                                     cfg.train_max_grad_norm)

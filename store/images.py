@@ -8,8 +8,9 @@ layouts, one identity:
 - a record in a shard, ``images/shards/<name>.tiles``: one append-only file per ingest of a
   slide, its tiles' encoded bytes back to back, each found by ``(shard, offset, length,
   codec)`` in its Image row. Codecs: ``jpeg`` (the slide's own JPEG tile, copied without
-  re-encoding), ``jpeg-rgb`` (the same with RGB components) and ``zstd`` (raw RGB bytes,
-  zstd level 1: lossless and ~20x faster to write than PNG). A PNG of a shard image is made
+  re-encoding), ``jpeg-rgb`` (the same with RGB components), ``zstd`` (RGB bytes at zstd
+  level 1: lossless and ~20x faster to write than PNG) and ``raw`` (RGB bytes as they are,
+  where zstd would save less than a fifth: read straight into a batch, nothing to decode). A PNG of a shard image is made
   only where a PNG is needed (``ImageStore.png_path``), at its usual content address.
 
 Every file is written to a temporary name then ``os.replace``d, so a crash never leaves half
@@ -72,7 +73,7 @@ def encode(rgb: np.ndarray, compress_level: int = 1) -> EncodedImage:
     return EncodedImage(sha, rgb.shape[1], rgb.shape[0], buf.getvalue())
 
 
-SHARD_CODECS = ("jpeg", "jpeg-rgb", "zstd")
+SHARD_CODECS = ("jpeg", "jpeg-rgb", "zstd", "raw")
 
 
 @dataclass(frozen=True)
@@ -86,18 +87,25 @@ class StoredTile:
     data: bytes
 
 
+ZSTD_WORTH = 0.8  # keep zstd only where it saves a fifth; else raw bytes, which are read without decoding
+
+
 def encode_for_shard(rgb: np.ndarray) -> StoredTile:
-    """Hash an ``(H, W, 3)`` uint8 array and compress it losslessly (zstd level 1)."""
+    """Hash an ``(H, W, 3)`` uint8 array and store it losslessly: zstd level 1, or raw where zstd saves little."""
+    rgb = np.ascontiguousarray(rgb)
     sha = pixel_sha256(rgb)
-    return StoredTile(sha, rgb.shape[1], rgb.shape[0], "zstd", imagecodecs.zstd_encode(np.ascontiguousarray(rgb), 1))
+    packed = imagecodecs.zstd_encode(rgb, 1)
+    if len(packed) <= ZSTD_WORTH * rgb.nbytes:
+        return StoredTile(sha, rgb.shape[1], rgb.shape[0], "zstd", packed)
+    return StoredTile(sha, rgb.shape[1], rgb.shape[0], "raw", rgb.tobytes())
 
 
 def decode_shard_record(data: bytes, codec: str, width: int, height: int) -> np.ndarray:
     """The ``(height, width, 3)`` uint8 pixels of one shard record."""
-    if codec == "zstd":
-        rgb = np.frombuffer(imagecodecs.zstd_decode(data), np.uint8)
+    if codec in ("zstd", "raw"):
+        rgb = np.frombuffer(imagecodecs.zstd_decode(data) if codec == "zstd" else data, np.uint8)
         if rgb.size != height * width * 3:
-            raise PathloopError(f"a zstd tile record holds {rgb.size} bytes; expected {height}x{width}x3")
+            raise PathloopError(f"a {codec} tile record holds {rgb.size} bytes; expected {height}x{width}x3")
         return rgb.reshape(height, width, 3)
     if codec == "jpeg":
         rgb = imagecodecs.jpeg8_decode(data)
@@ -160,6 +168,17 @@ class _Handles:
         if len(data) != length:
             raise PathloopError(f"tile shard {path} ends before byte {offset + length}; it is truncated")
         return data
+
+    def read_into(self, path: Path, offset: int, out: np.ndarray) -> None:
+        """Fill the contiguous array ``out`` with the bytes at ``offset`` (no copy, no decode)."""
+        if self.pid != os.getpid():
+            self.pid, self.fds = os.getpid(), {}
+        fd = self.fds.get(path)
+        if fd is None:
+            self.read(path, offset, 0)  # opens it, with read()'s error for a missing shard
+            fd = self.fds[path]
+        if os.preadv(fd, [memoryview(out).cast("B")], offset) != out.nbytes:
+            raise PathloopError(f"tile shard {path} ends before byte {offset + out.nbytes}; it is truncated")
 
 
 _handles = _Handles()
@@ -432,8 +451,13 @@ class ImageColumns:
         return decode_shard_record(data, self.codecs[self.codec_of[i]], self.size, self.size)
 
     def batch(self, indices) -> np.ndarray:
-        """Images at ``indices`` as ``(B, size, size, 3)`` uint8."""
+        """Images at ``indices`` as ``(B, size, size, 3)`` uint8; raw records are read straight into it."""
         out = np.empty((len(indices), self.size, self.size, 3), np.uint8)
+        raw = self.codecs.index("raw") if "raw" in self.codecs else -1
         for k, i in enumerate(indices):
-            out[k] = self.read(int(i))
+            i = int(i)
+            if self.codec_of[i] == raw:
+                _handles.read_into(self.shards[self.shard_of[i]], int(self.offset[i]), out[k])
+            else:
+                out[k] = self.read(i)
         return out

@@ -505,3 +505,15 @@ def test_cli_finetune_on_two_processes_and_its_bad_input(ft_ws):
     assert lines[0] == (f"pathloop: error: reward version {other} was trained for classes ['tumour', 'stroma'] "
                         "but the workspace has ['red', 'blue']")
     assert len(list_generators(engine)) == 2
+
+
+@pytest.mark.parametrize("objective", ["weighted", "preference"])
+def test_data_workers_change_nothing_but_speed(ft_ws, objective):
+    ws, engine, parent = ft_ws
+    kw = dict(parent_id=parent.id, reward_id=None, progress=False)
+    opts = dict(objective=objective, train_steps=3, checkpoint_every=3, train_gradient_accumulation_steps=2)
+    here = finetune(ws, engine, tiny(run_name=f"{objective}-here", data_workers=0, **opts), redness, **kw)
+    ahead = finetune(ws, engine, tiny(run_name=f"{objective}-ahead", data_workers=2, **opts), redness, **kw)
+    a, b = unet_weights(ws, here), unet_weights(ws, ahead)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert here.config["train_tiles"] == ahead.config["train_tiles"] > 0

@@ -51,7 +51,7 @@ def test_demo_slide_ingest(workspace, engine, demo_slide):
         assert 0 <= t.x and t.x + t.extent <= 512 and 0 <= t.y and t.y + t.extent <= 512
         assert t.x % 16 == 0 and t.y % 16 == 0 and t.extent == 32 and t.tissue >= 0.5
         im = images[t.image_id]
-        assert (im.width, im.height, im.codec) == (32, 32, "zstd") and (workspace.root / im.shard).is_file()
+        assert (im.width, im.height) == (32, 32) and im.codec in ("zstd", "raw") and (workspace.root / im.shard).is_file()
         assert not (workspace.root / im.path).exists()  # a PNG only where one is needed
     # One shard for the slide, and no stray temporary file beside it.
     assert len({im.shard for im in images.values()}) == 1
