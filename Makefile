@@ -10,6 +10,12 @@ DEMO_PORT ?= 8501
 # torch and torchvision first and pinned: on this lab's machines they install from local disk,
 # and letting the resolver pick one would fetch a multi-GB CUDA build.
 TORCH := torch==2.14.1 torchvision==0.29.1
+# pip, with the one line per package that a lab machine's pip.conf earns for index folders it
+# does not have ("Location ... is ignored") left out; pip's own exit status is kept.
+SHELL := /bin/bash
+EXTRAS := dev,postgres
+PIP = echo "pip install $(1)"; set -o pipefail; $(PY) -m pip install --quiet --disable-pip-version-check $(1) 2>&1 \
+	| { grep -v "^WARNING: Location '.*' is ignored: it is neither a file nor a directory" || true; }
 STAMP := $(VENV)/.installed
 
 STUDY ?= study
@@ -19,11 +25,11 @@ STUDY_ARGS ?=
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	@$(call PIP,--upgrade pip)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev,postgres]'
+	@$(call PIP,$(TORCH))
+	@$(call PIP,-e '.[$(EXTRAS)]')
 	touch $(STAMP)
 
 install: $(STAMP)
