@@ -11,10 +11,12 @@ DEMO_PORT ?= 8501
 # and letting the resolver pick one would fetch a multi-GB CUDA build.
 TORCH := torch==2.14.1 torchvision==0.29.1
 # pip, with the one line per package that a lab machine's pip.conf earns for index folders it
-# does not have ("Location ... is ignored") left out; pip's own exit status is kept.
+# does not have ("Location ... is ignored") and setuptools' notice on every editable install
+# left out; pip's own exit status is kept.
 SHELL := /bin/bash
 EXTRAS := dev,postgres
-PIP = echo "pip install $(1)"; set -o pipefail; $(PY) -m pip install --quiet --disable-pip-version-check $(1) 2>&1 \
+PIP = echo "pip install $(1)"; set -o pipefail; PYTHONWARNINGS="ignore:Editable installation:UserWarning" \
+	$(PY) -m pip install --quiet --disable-pip-version-check $(1) 2>&1 \
 	| { grep -v "^WARNING: Location '.*' is ignored: it is neither a file nor a directory" || true; }
 STAMP := $(VENV)/.installed
 

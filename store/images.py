@@ -442,22 +442,26 @@ class ImageColumns:
     def __len__(self) -> int:
         return len(self.shard_of)
 
-    def read(self, i: int) -> np.ndarray:
-        """Image ``i`` as ``(size, size, 3)`` uint8."""
-        shard = self.shards[self.shard_of[i]]
+    def read(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Image ``i`` as ``(size, size, 3)`` uint8, into ``out`` when given (a raw record is read straight there)."""
+        i = int(i)
+        shard, codec = self.shards[self.shard_of[i]], self.codecs[self.codec_of[i]]
         if shard is None:
-            return load_rgb(self.root / self.pngs[int(i)], self.size)
-        data = _handles.read(shard, int(self.offset[i]), int(self.length[i]))
-        return decode_shard_record(data, self.codecs[self.codec_of[i]], self.size, self.size)
+            rgb = load_rgb(self.root / self.pngs[i], self.size)
+        elif codec == "raw" and out is not None:
+            _handles.read_into(shard, int(self.offset[i]), out)
+            return out
+        else:
+            data = _handles.read(shard, int(self.offset[i]), int(self.length[i]))
+            rgb = decode_shard_record(data, codec, self.size, self.size)
+        if out is None:
+            return rgb
+        out[...] = rgb
+        return out
 
     def batch(self, indices) -> np.ndarray:
-        """Images at ``indices`` as ``(B, size, size, 3)`` uint8; raw records are read straight into it."""
+        """Images at ``indices`` as ``(B, size, size, 3)`` uint8."""
         out = np.empty((len(indices), self.size, self.size, 3), np.uint8)
-        raw = self.codecs.index("raw") if "raw" in self.codecs else -1
         for k, i in enumerate(indices):
-            i = int(i)
-            if self.codec_of[i] == raw:
-                _handles.read_into(self.shards[self.shard_of[i]], int(self.offset[i]), out[k])
-            else:
-                out[k] = self.read(i)
+            self.read(i, out[k])
         return out

@@ -390,7 +390,7 @@ def test_over_the_cap_evaluation_reads_only_the_capped_tiles(tiny_ws, monkeypatc
     ws, engine, parent, child = tiny_ws
     reads: list[int] = []
     real_read = ImageColumns.read
-    monkeypatch.setattr(ImageColumns, "read", lambda self, i: reads.append(int(i)) or real_read(self, i))
+    monkeypatch.setattr(ImageColumns, "read", lambda self, i, out=None: reads.append(int(i)) or real_read(self, i, out))
     logs: list[str] = []
     cfg = EvaluateConfig(**FAST, real_per_class=5, simulated_expert=True)  # 10 train and 4 test tiles per class
     r = evaluate(ws, engine, cfg, model=parent, against=[parent], progress=False, log=logs.append)

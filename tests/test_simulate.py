@@ -129,7 +129,7 @@ def test_under_the_cap_the_fit_is_the_old_one_and_over_it_reads_only_the_cap(dem
 
     reads: list[int] = []
     real_read = ImageColumns.read
-    monkeypatch.setattr(ImageColumns, "read", lambda self, i: reads.append(int(i)) or real_read(self, i))
+    monkeypatch.setattr(ImageColumns, "read", lambda self, i, out=None: reads.append(int(i)) or real_read(self, i, out))
     small = SimulatedExpert.fit(ws, engine, per_class=30)
     assert len(reads) == 2 * 30  # only the capped tiles were read
     assert _same(SimulatedExpert.fit(ws, engine, per_class=30), small) and not _same(small, old)
