@@ -417,3 +417,43 @@ def _with_controls(samples: int, controls: int, control_share: float, seed: int,
 def _mix(*parts) -> int:
     """A stable 64-bit hash (Python's ``hash`` differs between processes)."""
     return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest(), "big")
+
+
+# -- reference strip -------------------------------------------------------------------------
+
+REFERENCE_SPLIT = "train"
+
+
+def reference_tiles(ws: Workspace, engine: Engine, class_name: str, n: int, *, exclude_kind: str | None = None,
+                    exclude_id: int | None = None) -> list[Path]:
+    """Up to ``n`` real tiles of ``class_name`` from the train split, as PNG paths, for calibration.
+
+    The same tiles every time for a class (a start id drawn from the class name, then the
+    next ids in order, wrapping round), so a rater sees one stable reference per class. The
+    item on screen (``exclude_kind`` "sample" or "control" and ``exclude_id``) is never among
+    them: neither its tile nor any tile with the same image. Controls come from val and test,
+    so the strip never shows one either way; the exclusion holds even for a mislabelled split.
+    """
+    if n <= 0:
+        return []
+    key = ws.settings.classes[ws.settings.class_index(class_name)]
+    conditions = [Tile.split == REFERENCE_SPLIT, Tile.class_name == key]
+    if exclude_kind is not None:
+        model = Sample if exclude_kind == "sample" else Tile
+        shown_image = select(model.image_id).where(model.id == exclude_id).scalar_subquery()
+        conditions.append(Tile.image_id != func.coalesce(shown_image, -1))
+        if exclude_kind == "control":
+            conditions.append(Tile.id != exclude_id)
+    with Session(engine) as s:
+        lo, hi = s.exec(select(func.min(Tile.id), func.max(Tile.id)).where(*conditions)).one()
+        if lo is None:
+            return []
+        start = lo + _mix("reference", key) % (hi - lo + 1)
+        rows = []
+        for after in (Tile.id >= start, Tile.id < start):
+            q = (select(*location_columns()).select_from(Tile).join(Image, Image.id == Tile.image_id)
+                 .where(*conditions, after).order_by(Tile.id).limit(n - len(rows)))
+            rows += s.exec(q).all()
+            if len(rows) >= n:
+                break
+    return [ws.images.png_path(locate(ws.root, *loc)) for loc in rows]

@@ -35,7 +35,7 @@ DEFAULT_CRITERIA = [
     "artefact",
     "wrong class",
 ]
-
+MAX_REFERENCE_TILES = 12
 
 
 @dataclass
@@ -49,6 +49,7 @@ class Settings:
     control_share: float = 0.1
     lease_minutes: float = 10.0
     round_min_judgments: int = 200
+    reference_tiles: int = 4
     database_url: str = ""
 
     def __post_init__(self) -> None:
@@ -65,6 +66,10 @@ class Settings:
         if not _whole(self.round_min_judgments) or self.round_min_judgments < 1:
             raise PathloopError(
                 f"round_min_judgments = {self.round_min_judgments!r}; expected a whole number >= 1"
+            )
+        if not _whole(self.reference_tiles) or not 0 <= self.reference_tiles <= MAX_REFERENCE_TILES:
+            raise PathloopError(
+                f"reference_tiles = {self.reference_tiles!r}; expected a whole number from 0 (off) to {MAX_REFERENCE_TILES}"
             )
         if not isinstance(self.criteria, list) or not all(isinstance(c, str) and c for c in self.criteria):
             raise PathloopError("criteria: expected a list of non-empty strings")
@@ -146,6 +151,10 @@ lease_minutes = {s.lease_minutes}
 
 # New judgments since the last reward model that make the next round due.
 round_min_judgments = {s.round_min_judgments}
+
+# Real train-split tiles of the shown class beside the tile being rated, for calibration
+# (the same ones every time for a class; 0 turns the strip off).
+reference_tiles = {s.reference_tiles}
 
 # Database. Empty: SQLite in this folder ({SQLITE_FILE}). $PATHLOOP_DATABASE_URL overrides.
 {db}

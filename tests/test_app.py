@@ -400,3 +400,198 @@ def test_launch_command_and_checks(tmp_path, rating_ws):
     bare = Workspace.create(tmp_path / "bare", Settings(classes=["a"], tile_size=32))
     with pytest.raises(PathloopError, match="no pathloop schema"):
         launch.serve(bare.root, "127.0.0.1", 8600)
+
+
+# -- keyboard checklist, saved state, retry of an unsaved rating, reference strip ------------
+
+def add_train_tiles(ws, engine, n: int, class_name: str, seed: int = 7) -> list[int]:
+    """Insert ``n`` real train-split tiles of one class (what the reference strip draws from)."""
+    import numpy as np
+
+    from store.models import Image, Tile
+
+    rng = np.random.default_rng(seed)
+    with Session(engine, expire_on_commit=False) as s:
+        tiles = []
+        for _ in range(n):
+            enc, rel, _ = ws.images.put_array(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+            image = Image(sha256=enc.sha256, width=enc.width, height=enc.height, path=rel)
+            s.add(image)
+            s.flush()
+            tile = Tile(image_id=image.id, class_name=class_name, split="train")
+            s.add(tile)
+            tiles.append(tile)
+        s.commit()
+        return [t.id for t in tiles]
+
+
+def criterion_keys(at: AppTest) -> dict[str, object]:
+    """The checklist's key buttons by their shortcut (Streamlit shows it on the button)."""
+    return {b.proto.shortcut: b for b in at.button if b.key and b.key.startswith("key-")}
+
+
+def test_every_criterion_has_a_key_that_toggles_it(rating_ws):
+    _, engine = rating_ws
+    at = sign_in(start(), "alice")
+    button(at, "Implausible…").click().run()
+    keys = criterion_keys(at)
+    assert list(keys) == [str(i) for i in range(1, 10)]
+    assert [b.label for b in keys.values()] == DEFAULT_CRITERIA  # each key sits on its criterion
+    assert [c.label for c in at.checkbox] == DEFAULT_CRITERIA
+    for k in ("3", "9", "1", "1"):  # a second press unticks
+        criterion_keys(at)[k].click().run()
+    assert [c.value for c in at.checkbox] == [i in (2, 8) for i in range(9)]
+    assert not judgments(engine)
+    button(at, "Submit implausible").click().run()
+    assert_no_errors(at)
+    (j,) = judgments(engine)
+    assert j.verdict == "implausible" and j.reasons == [DEFAULT_CRITERIA[2], DEFAULT_CRITERIA[8]]
+
+
+def test_long_checklists_get_letter_keys_that_the_page_does_not_use(tmp_path, monkeypatch):
+    criteria = [f"criterion {i}" for i in range(14)]
+    ws, engine = build_workspace(tmp_path / "ws", criteria=criteria)
+    monkeypatch.setenv("PATHLOOP_WORKSPACE", str(ws.root))
+    at = sign_in(start(), "alice")
+    button(at, "Implausible…").click().run()
+    assert list(criterion_keys(at)) == [*"1234567890", "a", "b", "d", "e"]  # never P I S U (verdicts), T (retry), C R (Streamlit)
+    engine.dispose()
+
+
+def saved_line(at: AppTest) -> str:
+    return next((m.value for m in at.markdown if "Saved " in m.value), "")
+
+
+def test_unsaved_rating_is_retried_and_lands_once(rating_ws, monkeypatch):
+    ws, engine = rating_ws
+    at = sign_in(start(), "alice")
+    assert any("Nothing saved yet" in c.value for c in at.caption)
+    uid = annotator_id(engine, "alice")
+    leased = queue.next_item(ws, engine, uid)
+    real = queue.record_judgment
+    calls = {"n": 0, "fail": True}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["fail"]:
+            raise OperationalError("INSERT ...", {}, Exception("database is locked"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "record_judgment", flaky)
+    button(at, "Implausible…").click().run()
+    criterion_keys(at)["2"].click().run()
+    button(at, "Submit implausible").click().run()
+    assert_no_errors_but_banner = [e.value for e in at.error]
+    assert len(assert_no_errors_but_banner) == 1 and "Not saved — retrying" in assert_no_errors_but_banner[0]
+    assert "database is locked" in assert_no_errors_but_banner[0] and not at.toast
+    assert at.session_state["pending"]["verdict"] == "implausible" and not judgments(engine)
+    attempts = calls["n"]
+    at.run()  # every run retries while the store refuses
+    assert calls["n"] > attempts and "pending" in at.session_state and not judgments(engine)
+
+    calls["fail"] = False
+    at.run()
+    assert_no_errors(at)
+    (j,) = judgments(engine)
+    assert (j.sample_id, j.verdict, j.reasons) == (leased.item_id, "implausible", [DEFAULT_CRITERIA[1]])
+    assert "pending" not in at.session_state
+    assert f"Saved {j.created_at:%H:%M:%S} UTC" in saved_line(at)
+    assert queue.next_item(ws, engine, uid).item_id != leased.item_id  # on to the next tile
+    at.run()
+    assert len(judgments(engine)) == 1
+
+
+def test_rating_whose_reply_was_lost_is_stored_once(rating_ws, monkeypatch):
+    _, engine = rating_ws
+    at = sign_in(start(), "alice")
+    real = queue.record_judgment
+    calls = {"n": 0}
+
+    def commits_then_fails(*args, **kwargs):
+        calls["n"] += 1
+        j = real(*args, **kwargs)
+        if calls["n"] == 1:
+            raise OperationalError("COMMIT", {}, Exception("connection reset"))
+        return j
+
+    monkeypatch.setattr(queue, "record_judgment", commits_then_fails)
+    button(at, "Plausible").click().run()  # stored, but the app was told it failed: it retries
+    assert_no_errors(at)
+    assert calls["n"] >= 2
+    (j,) = judgments(engine)
+    assert j.verdict == "plausible" and f"Saved {j.created_at:%H:%M:%S} UTC" in saved_line(at)
+
+
+def test_reference_strip_shows_train_tiles_of_the_class(tmp_path, monkeypatch):
+    ws, engine = build_workspace(tmp_path / "ws", n_samples=4, reference_tiles=3)
+    for i, c in enumerate(ws.settings.classes):
+        add_train_tiles(ws, engine, 5, c, seed=10 + i)
+    monkeypatch.setenv("PATHLOOP_WORKSPACE", str(ws.root))
+    at = sign_in(start(), "alice")
+    assert_no_errors(at)
+    cls = shown_class(at)
+    assert any(f"real **{cls}** tiles" in c.value for c in at.caption)
+    assert len(at.get("image")) == 1 + 3 + 1  # the tile, the strip, and "Actual pixels"
+
+    first = queue.reference_tiles(ws, engine, cls, 3)
+    assert len(first) == 3 and first == queue.reference_tiles(ws, engine, cls, 3)  # stable per class
+    from store.models import Image, Tile
+
+    with Session(engine) as s:
+        train = {ws.root / im.path for t in s.exec(select_train(Tile)).all()
+                 if t.class_name == cls for im in [s.get(Image, t.image_id)]}
+    assert set(first) <= train
+    engine.dispose()
+
+
+def select_train(Tile):
+    from sqlmodel import select
+
+    return select(Tile).where(Tile.split == "train")
+
+
+def test_reference_strip_never_shows_the_control_itself(tmp_path, monkeypatch):
+    from sqlmodel import select
+
+    from store.models import Image, Tile
+
+    ws, engine = build_workspace(tmp_path / "ws", n_samples=4, control_share=0.5, reference_tiles=4)
+    (control_id,) = add_controls(ws, engine, 1)
+    add_train_tiles(ws, engine, 2, "dab_negative")
+    with Session(engine) as s:  # the control's very image also filed (wrongly) under train
+        control = s.get(Tile, control_id)
+        s.add(Tile(image_id=control.image_id, class_name=control.class_name, split="train"))
+        s.commit()
+        control_png = ws.root / s.get(Image, control.image_id).path
+        n_train = len(s.exec(select(Tile).where(Tile.split == "train", Tile.class_name == "dab_negative")).all())
+    assert n_train == 3
+    shown = queue.reference_tiles(ws, engine, "dab_negative", 4, exclude_kind="control", exclude_id=control_id)
+    assert len(shown) == 2 and control_png not in shown
+    assert control_png in queue.reference_tiles(ws, engine, "dab_negative", 4)  # only excluded when shown
+
+    monkeypatch.setenv("PATHLOOP_WORKSPACE", str(ws.root))
+    at = sign_in(start(), "alice")
+    uid = annotator_id(engine, "alice")
+    for _ in range(4):  # controls get the same strip as samples
+        item = queue.next_item(ws, engine, uid)
+        if item.shown_class == "dab_negative":
+            assert any("real **dab_negative** tiles" in c.value for c in at.caption)
+        button(at, "Plausible").click().run()
+        assert_no_errors(at)
+    engine.dispose()
+
+
+def test_reference_strip_off_and_setting_checked(tmp_path, monkeypatch):
+    ws, engine = build_workspace(tmp_path / "ws", n_samples=2, reference_tiles=0)
+    add_train_tiles(ws, engine, 3, "dab_negative")
+    add_train_tiles(ws, engine, 3, "dab_positive", seed=8)
+    monkeypatch.setenv("PATHLOOP_WORKSPACE", str(ws.root))
+    at = sign_in(start(), "alice")
+    assert not [c for c in at.caption if "For comparison" in c.value]
+    assert len(at.get("image")) == 2
+    assert Workspace.open(ws.root).settings.reference_tiles == 0  # the template writes it
+    for bad in (-1, 13, True, 2.5):
+        with pytest.raises(PathloopError, match="reference_tiles"):
+            Settings(classes=["a"], reference_tiles=bad)
+    assert Settings(classes=["a"]).reference_tiles == 4
+    engine.dispose()

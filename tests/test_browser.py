@@ -155,3 +155,149 @@ def test_rate_three_tiles_with_keyboard_only(chromium, served):
     assert [j.verdict for j in rows] == ["plausible", "unsure", "implausible"]
     assert len({j.sample_id for j in rows}) == 3 and all(j.seconds is not None for j in rows)
     assert len({j.annotator_id for j in rows}) == 1
+
+
+# -- every criterion by key, the saved state, undo, and the reference strip ------------------
+
+SCREENSHOT_ENV = "PATHLOOP_SCREENSHOT"  # a path: also save the rating screen there (docs/rating-keyboard.png)
+
+
+def add_train_tiles(ws, engine, n: int, class_name: str, seed: int) -> None:
+    """Real-looking train tiles of one class: smooth pink/purple blobs, so the strip is legible."""
+    import numpy as np
+    from sqlmodel import Session
+
+    from store.models import Image, Tile
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32]
+    with Session(engine) as s:
+        for _ in range(n):
+            rgb = np.full((32, 32, 3), (235, 205, 225), dtype=np.float64)
+            for _ in range(5):
+                cy, cx, r = rng.uniform(0, 32), rng.uniform(0, 32), rng.uniform(2.5, 5)
+                blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < r * r
+                rgb[blob] = (110, 60, 150) if class_name.endswith("negative") else (140, 90, 40)
+            rgb += rng.normal(0, 6, rgb.shape)
+            enc, rel, _ = ws.images.put_array(rgb.clip(0, 255).astype(np.uint8))
+            image = Image(sha256=enc.sha256, width=enc.width, height=enc.height, path=rel)
+            s.add(image)
+            s.flush()
+            s.add(Tile(image_id=image.id, class_name=class_name, split="train"))
+        s.commit()
+
+
+@pytest.fixture
+def served_with_references(tmp_path, chromium):
+    """Like ``served``, with five samples and train tiles of both classes for the strip."""
+    ws, engine = build_workspace(tmp_path / "ws", n_samples=5, reference_tiles=4)
+    for i, c in enumerate(ws.settings.classes):
+        add_train_tiles(ws, engine, 6, c, seed=20 + i)
+    port = free_port()
+    log = tmp_path / "streamlit.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(command(ws.root, "127.0.0.1", port), env=environment(ws.root),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, log)
+        yield url, ws, engine, tmp_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        engine.dispose()
+
+
+def test_checklist_saved_state_and_undo_by_keys_alone(chromium, served_with_references):
+    from playwright import sync_api
+
+    from store.workspace import DEFAULT_CRITERIA
+
+    url, _ws, engine, tmp = served_with_references
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1250})
+            page.set_default_timeout(WAIT_MS)
+            expect = sync_api.expect
+            app = page.locator('[data-testid="stApp"]')
+            heading = page.get_by_text(re.compile(r"^generated as: "))
+
+            def idle():
+                expect(app).to_have_attribute("data-test-script-state", "notRunning", timeout=WAIT_MS)
+
+            def saved_text():
+                return page.get_by_text(re.compile(r"Saved \d\d:\d\d:\d\d UTC"))
+
+            page.goto(url)
+            page.get_by_label("Username").fill("alice")
+            page.get_by_label("Password", exact=True).fill(PASSWORDS["alice"])
+            page.keyboard.press("Enter")
+            expect(heading).to_be_visible(timeout=WAIT_MS)
+            idle()
+            expect(page.get_by_text("Nothing saved yet in this session.")).to_be_visible()
+            expect(page.get_by_text(re.compile(r"^For comparison: real "))).to_be_visible()
+            expect(page.get_by_role("img", name=re.compile(r"^real dab_"))).to_have_count(4)
+
+            def press_until(key: str, done, what: str) -> None:
+                # A shortcut listener mounts a moment after the script ends on two busy cores; a press
+                # in that gap is lost (see rate() above). Repeat until its effect shows; every action
+                # here is idempotent (request ids) or checked before the next press.
+                deadline = time.monotonic() + WAIT_MS / 1000
+                while not done():
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"pressing {key} never gave {what}")
+                    heading.click()  # keys reach the page only when no input has focus
+                    page.keyboard.press(key)
+                    for _ in range(30):
+                        if done():
+                            break
+                        page.wait_for_timeout(100)
+                idle()
+
+            def count(n):
+                return lambda: len(judgments(engine)) == n
+
+            press_until("p", count(1), "a plausible rating")
+            expect(saved_text()).to_be_visible(timeout=WAIT_MS)
+            expect(page.get_by_text(re.compile(r"^1 rated today"))).to_be_visible(timeout=WAIT_MS)
+
+            press_until("i", lambda: page.get_by_text("Why implausible?").is_visible(), "the checklist")
+            for i, key in enumerate(map(str, range(1, 10))):  # each criterion shows its key
+                name = f"{DEFAULT_CRITERIA[i]} Shortcut {key}"  # how Streamlit names a button with a key
+                expect(page.get_by_role("button", name=name, exact=True)).to_be_visible()
+                expect(page.get_by_role("checkbox", name=DEFAULT_CRITERIA[i])).not_to_be_checked()
+            for key, criterion in (("2", DEFAULT_CRITERIA[1]), ("7", DEFAULT_CRITERIA[6])):
+                box = page.get_by_role("checkbox", name=criterion)
+                press_until(key, box.is_checked, f"{criterion} ticked")
+            box = page.get_by_role("checkbox", name=DEFAULT_CRITERIA[3])
+            press_until("4", box.is_checked, "cytoplasm colour ticked")
+            press_until("4", lambda: not box.is_checked(), "cytoplasm colour unticked again")
+            idle()
+            page.screenshot(path=str(tmp / "rating-keyboard.png"), full_page=True)
+            if os.environ.get(SCREENSHOT_ENV):
+                page.screenshot(path=os.environ[SCREENSHOT_ENV], full_page=True)
+            press_until("Control+Enter", count(2), "the implausible rating")
+            expect(page.get_by_text(re.compile(r"^2 rated today"))).to_be_visible(timeout=WAIT_MS)
+            expect(page.get_by_text("Why implausible?")).to_have_count(0)
+
+            press_until("s", count(3), "a skip")
+            press_until("u", count(4), "an undo")  # a retraction row
+            expect(page.get_by_text(re.compile(r"^2 rated today"))).to_be_visible(timeout=WAIT_MS)
+            press_until("p", count(5), "a rating of the undone tile")
+            expect(saved_text()).to_be_visible(timeout=WAIT_MS)
+            shown = page.get_by_text(re.compile(r"Saved \d\d:\d\d:\d\d UTC")).first.inner_text()
+        finally:
+            browser.close()
+
+    rows = judgments(engine)
+    assert [j.verdict for j in rows] == ["plausible", "implausible", "unsure", "retracted", "plausible"]
+    assert rows[1].reasons == [DEFAULT_CRITERIA[1], DEFAULT_CRITERIA[6]]
+    assert rows[3].supersedes_id == rows[2].id and rows[4].sample_id == rows[2].sample_id
+    assert f"Saved {rows[4].created_at:%H:%M:%S} UTC" in shown
+    assert len({j.request_id for j in rows}) == 5

@@ -1,8 +1,14 @@
 """Rate: one tile at a time, large, one key press per verdict.
 
 Shortcuts (shown on the buttons): P plausible, I implausible (opens the checklist),
-S unsure/skip, U undo the last rating; in the checklist, Ctrl+Enter (⌘+Enter) submits and
+S unsure/skip, U undo the last rating; in the checklist each criterion has a key (1-9, 0,
+then letters; shown beside it) that ticks or unticks it, Ctrl+Enter (⌘+Enter) submits and
 Esc cancels. Letter keys are ignored while the cursor is in the comment box.
+
+A rating is kept in ``st.session_state["pending"]`` until the store has it: one that could
+not be saved (database locked or gone) stays there, a red banner says so, and it is sent
+again on every run and every few seconds until it lands; its request id makes a repeat
+that did reach the database a no-op. The time of the last saved rating is always shown.
 
 The tile always comes from ``store.queue.next_item`` for this annotator, never from the
 URL or the browser; every action button's key names the tile and a counter of completed
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC
 
 import streamlit as st
 from PIL import Image as PILImage
@@ -23,6 +30,11 @@ from store import queue
 
 ZOOMS = [256, 384, 512, 768, 1024]
 VERDICT_WORDS = {"plausible": "plausible", "implausible": "implausible", "unsure": "unsure / skipped"}
+# Keys for the criteria, in checklist order: never one the page already uses (P, I, S, U,
+# T retry) nor one Streamlit reserves (C clears caches, R reruns).
+CRITERION_KEYS = "1234567890abdefghjklmnoqvwxyz"
+RETRY_SECONDS = 5
+REFERENCE_EDGE = 128
 
 
 def load_tile(path) -> PILImage.Image:
@@ -57,17 +69,73 @@ def done(message: str) -> None:
     st.rerun()
 
 
+def criterion_keys(criteria) -> list[str | None]:
+    """The key that toggles each criterion; None past the last free key (then it takes the mouse)."""
+    return [CRITERION_KEYS[i] if i < len(CRITERION_KEYS) else None for i in range(len(criteria))]
+
+
 def save(ws, engine, user, item, view, verdict: str, reasons=(), comment: str = "") -> None:
+    """Keep the rating as pending, then try to store it; on failure it stays pending (retried)."""
+    st.session_state["pending"] = {
+        "annotator_id": user.id, "kind": item.kind, "item_id": item.item_id, "verdict": verdict,
+        "reasons": list(reasons), "comment": comment.strip(),
+        "seconds": round(time.monotonic() - view["shown_at"], 3), "request_id": view["request_id"],
+        "attempts": 0, "error": "",
+    }
+    if store_pending(ws, engine, user):
+        done(f"Saved: {VERDICT_WORDS[verdict]}.")
+    st.rerun()  # the banner at the top of the page shows the failure and retries
+
+
+def store_pending(ws, engine, user) -> bool:
+    """Send the pending rating (if any) to the store; True once it is stored."""
+    p = st.session_state.get("pending")
+    if p is None or p["annotator_id"] != user.id:
+        st.session_state.pop("pending", None)  # another account's leftover (sign-out clears it anyway)
+        return False
     try:
-        queue.record_judgment(
-            ws, engine, user.id, kind=item.kind, item_id=item.item_id, verdict=verdict,
-            reasons=list(reasons), comment=comment.strip(),
-            seconds=round(time.monotonic() - view["shown_at"], 3), request_id=view["request_id"],
+        j = queue.record_judgment(
+            ws, engine, user.id, kind=p["kind"], item_id=p["item_id"], verdict=p["verdict"],
+            reasons=p["reasons"], comment=p["comment"], seconds=p["seconds"], request_id=p["request_id"],
         )
     except context.DB_ERRORS as e:
-        st.error(f"Your rating was NOT saved: {context.one_line(e)}. The tile is still here; try again.")
+        p["attempts"] += 1
+        p["error"] = context.one_line(e)
+        return False
+    st.session_state.pop("pending", None)
+    st.session_state["last_saved"] = {"at": j.created_at, "verdict": p["verdict"]}
+    return True
+
+
+@st.fragment(run_every=RETRY_SECONDS)
+def pending_banner(ws, engine, user) -> None:
+    """While a rating is unsaved: retry it (on each run and every few seconds) and say so."""
+    p = st.session_state.get("pending")
+    if p is None:
         return
-    done(f"Saved: {VERDICT_WORDS[verdict]}.")
+    if store_pending(ws, engine, user):
+        st.session_state.pop("view", None)
+        st.session_state["actions"] = st.session_state.get("actions", 0) + 1
+        st.session_state["saved_note"] = f"Saved after a retry: {VERDICT_WORDS[p['verdict']]}."
+        st.rerun(scope="app")
+    st.error(
+        f"**Not saved — retrying.** Your rating ({VERDICT_WORDS[p['verdict']]}) was NOT saved yet: "
+        f"{p['error']}. It is kept in this tab and sent again every {RETRY_SECONDS} s and on every key "
+        f"press (attempt {p['attempts']}); keep this tab open until this banner goes away.",
+        icon=":material/sync_problem:",
+    )
+    if st.button("Retry now", shortcut="T", key="retry-pending"):
+        st.rerun(scope="app")
+
+
+def saved_state() -> None:
+    """The time of the last rating the store confirmed in this session (UTC, as stored)."""
+    last = st.session_state.get("last_saved")
+    if last is None:
+        st.caption("Nothing saved yet in this session.")
+        return
+    at = last["at"].astimezone(UTC).strftime("%H:%M:%S")
+    st.markdown(f":green-badge[:material/check_circle: Saved {at} UTC] · {VERDICT_WORDS[last['verdict']]}")
 
 
 def undo(ws, engine, user, view) -> None:
@@ -90,27 +158,66 @@ def show_progress(ws, engine, user) -> None:
                      f"{p['remaining']} remaining")
 
 
+def toggle(state_key: str) -> None:
+    st.session_state[state_key] = not st.session_state.get(state_key, False)
+
+
 def checklist(ws, engine, user, item, view, tag: str) -> None:
-    """The criteria from pathloop.toml, a comment box, and a submit for an implausible verdict."""
-    with st.form(f"reasons-{tag}", border=True):
-        st.markdown("**Why implausible?** Tick all that apply.")
-        criteria = ws.settings.criteria
-        cols = st.columns(2)  # filled column by column, so reading order is the toml's order
-        half = (len(criteria) + 1) // 2
-        ticked = [c for i, c in enumerate(criteria)
-                  if cols[i // half].checkbox(c, key=f"criterion-{tag}-{i}")]
+    """The criteria from pathloop.toml, each with its key, a comment box, and a submit.
+
+    Not an ``st.form``: a criterion's key is a button that flips its checkbox, and a form's
+    unsent ticks would be lost when that button reruns the page.
+    """
+    criteria = ws.settings.criteria
+    keys = criterion_keys(criteria)
+    with st.container(border=True, key=f"reasons-{tag}"):
+        st.markdown("**Why implausible?** Tick all that apply: press a criterion's key, or click.")
+        ticked = []
+        rows = st.container(gap=None)  # nine rows of the default gap push Submit off the screen
+        for i, (c, k) in enumerate(zip(criteria, keys, strict=True)):
+            # The checkbox, then the criterion as a button that carries its key (Streamlit shows
+            # a button's shortcut on it); pressing the key or clicking either one flips the tick.
+            state_key = f"criterion-{tag}-{i}"
+            box_col, name_col = rows.columns([1, 14], vertical_alignment="center", gap=None)
+            if box_col.checkbox(c, key=state_key, label_visibility="collapsed"):
+                ticked.append(c)
+            name_col.button(c, shortcut=k, key=f"key-{tag}-{i}", type="tertiary", on_click=toggle,
+                            args=(state_key,), help=f"press {k.upper()} to tick or untick" if k else None)
         comment = st.text_area("Comment (optional)", key=f"comment-{tag}", max_chars=2000, height=80)
-        submitted = st.form_submit_button("Submit implausible", type="primary", shortcut="Ctrl+Enter",
-                                          key=f"submit-{tag}")
-    if st.button("Cancel", shortcut="Esc", key=f"cancel-{tag}"):
-        view["checklist"] = False
-        st.rerun()
+        submitted = st.button("Submit implausible", type="primary", shortcut="Ctrl+Enter",
+                              key=f"submit-{tag}", width="stretch")
+        if st.button("Cancel", shortcut="Esc", key=f"cancel-{tag}", width="stretch"):
+            view["checklist"] = False
+            st.rerun()
     if submitted:
         save(ws, engine, user, item, view, "implausible", ticked, comment)
 
 
+def reference_strip(ws, engine, item, edge: int) -> None:
+    """A few real train tiles of the shown class, small, below the tile; the same for controls."""
+    n = ws.settings.reference_tiles
+    if n <= 0:
+        return
+    try:
+        paths = queue.reference_tiles(ws, engine, item.shown_class, n, exclude_kind=item.kind,
+                                      exclude_id=item.item_id)
+        images = [load_tile(p) for p in paths]
+    except (*context.DB_ERRORS, ValueError) as e:
+        st.caption(f"Reference tiles unavailable: {context.one_line(e)}")
+        return
+    if not images:
+        st.caption(f"No real {item.shown_class} tiles in the train split to compare with.")
+        return
+    st.caption(f"For comparison: real **{item.shown_class}** tiles (train split)")
+    with st.container(width=max(edge, 256), key="reference-strip"):
+        for col, im in zip(st.columns(n, gap="small"), images):  # n columns even when fewer: same size
+            col.image(upscaled(im, REFERENCE_EDGE), width="stretch", alt=f"real {item.shown_class} tile")
+
+
 def main() -> None:
     ws, engine, user = context.require_user()
+    if "pending" in st.session_state:
+        pending_banner(ws, engine, user)
     note = st.session_state.pop("saved_note", None)
     if note:
         st.toast(note, icon=":material/check_circle:")
@@ -128,6 +235,7 @@ def main() -> None:
         st.write("Every tile in the queue has the ratings it needs. Thank you! Check back later.")
         if st.button("Undo last rating", shortcut="U", key=f"undo-{tag}"):
             undo(ws, engine, user, view)
+        saved_state()
         return
 
     image_col, action_col = st.columns([3, 2], gap="large")
@@ -142,6 +250,7 @@ def main() -> None:
             save(ws, engine, user, item, view, "unsure")
         if st.button("Undo last rating", shortcut="U", type="tertiary", key=f"undo-{tag}"):
             undo(ws, engine, user, view)
+        saved_state()
         if view["checklist"]:
             checklist(ws, engine, user, item, view, tag)
     path = item.image_path if item.image_path.is_absolute() else ws.root / item.image_path
@@ -153,6 +262,7 @@ def main() -> None:
             return
         tile = upscaled(original, zoom)
         st.image(tile, width=tile.width, alt="tile to rate")
+        reference_strip(ws, engine, item, tile.width)
         with st.expander("Actual pixels"):
             st.image(original, width="content", alt="tile at its stored size")
 
