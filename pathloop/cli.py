@@ -466,11 +466,38 @@ def cmd_users(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from store.export import export_judgments, export_samples
+    from store.export import export_binary, export_judgments, export_pairs, export_samples
 
+    feedback_only = {"--min-ratings": args.min_ratings, "--pair-by": args.pair_by, "--max-pairs": args.max_pairs,
+                     "--seed": args.seed, "--image-format": args.image_format}
+    given = [k for k, v in feedback_only.items() if v is not None]
+    if args.what in ("pairs", "binary"):
+        if args.format not in (None, "parquet"):
+            raise PathloopError(f"--format {args.format}: `export {args.what}` writes Parquet only")
+        if args.model or args.exclude_copies:
+            raise PathloopError(f"--model and --exclude-copies apply to `export samples`, not `export {args.what}`")
+        wrong = [k for k in (("--pair-by", "--max-pairs", "--seed") if args.what == "binary" else ("--image-format",))
+                 if feedback_only[k] is not None]
+        if wrong:
+            raise PathloopError(f"{', '.join(wrong)}: not used by `export {args.what}`")
+        ws, engine = _open(args)
+        out = Path(args.out) if args.out else _exports_dir(ws) / f"{args.what}.parquet"
+        min_ratings = 2 if args.min_ratings is None else args.min_ratings
+        if args.what == "pairs":
+            max_pairs = 10_000 if args.max_pairs is None else (args.max_pairs or None)
+            n = export_pairs(ws, engine, out, min_ratings=min_ratings, pair_by=args.pair_by or "generator",
+                             max_pairs=max_pairs, seed=0 if args.seed is None else args.seed)
+            print(f"wrote {n} preference pairs to {out}")
+        else:
+            n, ties = export_binary(ws, engine, out, min_ratings=min_ratings, image_format=args.image_format or "jpeg")
+            print(f"wrote {n} rated samples to {out}" + (f"; left out {ties} tied" if ties else ""))
+        return 0
+    if given:
+        raise PathloopError(f"{', '.join(given)} apply to `export pairs` and `export binary`, "
+                            f"not `export {args.what}`")
     ws, engine = _open(args)
     if args.what == "samples":
-        if args.format != "csv":
+        if args.format not in (None, "csv"):
             raise PathloopError(f"--format {args.format}: samples are exported as PNG files with a CSV manifest")
         from pathloop.evaluate import copy_flags
 
@@ -484,7 +511,7 @@ def cmd_export(args) -> int:
         return 0
     if args.model or args.exclude_copies:
         raise PathloopError("--model and --exclude-copies apply to `export samples`, not `export judgments`")
-    fmt = args.format
+    fmt = args.format or "csv"
     out = Path(args.out) if args.out else _exports_dir(ws) / f"judgments.{fmt}"
     n = export_judgments(engine, out, fmt)
     print(f"wrote {n} judgments to {out}")
@@ -769,20 +796,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate-password", action="store_true", help="generate one and print it once")
     p.set_defaults(func=cmd_users)
 
-    p = sub.add_parser("export", help="export judgments with full provenance, or synthetic samples to share",
+    p = sub.add_parser("export", help="export judgments with full provenance, synthetic samples to share, or "
+                                      "feedback as preference pairs / binary labels for DPO/KTO fine-tuning",
                        parents=[ws],
                        description="judgments: one row per judgment (all rows; `current` marks those not "
                                    "superseded) with annotator, verdict, reasons, comment, seconds, timestamps and "
                                    "the item's provenance. samples: a new folder of CLASS/SAMPLE_ID.png with a "
                                    "manifest.csv of each sample's recipe; --exclude-copies leaves out samples the "
-                                   "latest `pathloop evaluate` flagged as near-copies of real training tiles.")
-    p.add_argument("what", choices=["judgments", "samples"])
-    p.add_argument("--format", choices=["csv", "parquet", "jsonl"], default="csv")
-    p.add_argument("--out", metavar="PATH", help="output file or, for samples, a new folder "
-                                                 "(default: WORKSPACE/exports/judgments.FORMAT or samples-TIMESTAMP)")
+                                   "latest `pathloop evaluate` flagged as near-copies of real training tiles. "
+                                   "pairs: Parquet in the Pick-a-Pic v2 layout the diffusers Diffusion-DPO example "
+                                   "reads (jpg_0, jpg_1 = JPEG bytes, quality 95, lossy; label_0 = 1.0 when image 0 "
+                                   "is the plausible one, 0.0 when image 1 is; caption = class name), one pair per "
+                                   "plausible x implausible sample of the same class and --pair-by group, "
+                                   "by the majority of current plausible/implausible judgments (ties left out), "
+                                   "order within a pair randomised (--seed), at most --max-pairs drawn at random. "
+                                   "binary: Parquet, one row per rated sample for Diffusion-KTO-style training "
+                                   "(image = JPEG or PNG bytes, caption = class name, label = 1 plausible / "
+                                   "0 implausible by majority; ties left out).")
+    p.add_argument("what", choices=["judgments", "samples", "pairs", "binary"])
+    p.add_argument("--format", choices=["csv", "parquet", "jsonl"], default=None,
+                   help="judgments: csv (default), parquet or jsonl; samples: csv; pairs/binary: parquet only")
+    p.add_argument("--out", metavar="PATH", help="output file or, for samples, a new folder (default: "
+                                                 "WORKSPACE/exports/judgments.FORMAT, samples-TIMESTAMP, "
+                                                 "pairs.parquet or binary.parquet)")
     p.add_argument("--model", metavar="ID", help="samples: only this generator version's (an id or latest)")
     p.add_argument("--exclude-copies", action="store_true",
                    help="samples: leave out near-copies of real training tiles; refuses samples never evaluated")
+    p.add_argument("--min-ratings", type=int, metavar="N", default=None,
+                   help="pairs/binary: only samples with at least N current plausible/implausible judgments "
+                        "(default 2)")
+    p.add_argument("--pair-by", choices=["generator", "round", "class"], default=None,
+                   help="pairs: pair samples of the same class and generator version (default), the same class and "
+                        "round, or the same class across versions")
+    p.add_argument("--max-pairs", type=int, metavar="N", default=None,
+                   help="pairs: at most N pairs, drawn at random (seeded) from all plausible x implausible "
+                        "combinations (default 10000; 0 = all)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="pairs: seed of the pair draw and of which image comes first (default 0)")
+    p.add_argument("--image-format", choices=["jpeg", "png"], default=None,
+                   help="binary: image bytes as JPEG quality 95 (default; lossy, as Pick-a-Pic) or PNG (lossless)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generator", help="generator versions: list", parents=[ws],

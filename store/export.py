@@ -1,4 +1,5 @@
-"""Every judgment with its full provenance, as a DataFrame or a CSV/Parquet/JSONL file; synthetic samples to share.
+"""Every judgment with its full provenance, as a DataFrame or a CSV/Parquet/JSONL file; synthetic samples to share;
+the experts' feedback as preference pairs (Pick-a-Pic layout, Diffusion-DPO) or binary labels (Diffusion-KTO style).
 
 One row per judgment row — edits, undos and their originals included — with ``current``
 (store/judgments.py decides) and ``superseded_by`` so a reader can rebuild any history.
@@ -177,3 +178,240 @@ def export_samples(ws, engine: Engine, out_dir: str | os.PathLike, *, generator_
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return len(kept), len(rows) - len(kept)
+
+
+# --- Feedback in the layouts preference-tuning code reads ------------------------------------
+#
+# ``pairs``: Pick-a-Pic v2 columns, what the diffusers Diffusion-DPO example
+# (examples/research_projects/diffusion_dpo/train_diffusion_dpo.py) reads: ``jpg_0``/``jpg_1``
+# (JPEG bytes), ``label_0`` (1.0 when image 0 is preferred, 0.0 when image 1 is; this export
+# never writes a 0.5 tie), ``caption`` (the prompt: here the class name).
+# ``binary``: one row per rated sample, Diffusion-KTO style: ``image`` bytes, ``caption``,
+# ``label`` (1 plausible, 0 implausible).
+
+PAIR_COLUMNS = ["jpg_0", "jpg_1", "label_0", "label_1", "caption", "sample_id_0", "sample_id_1", "generator_id_0",
+                "generator_id_1", "round_number_0", "round_number_1", "plausible_0", "implausible_0", "plausible_1",
+                "implausible_1"]
+BINARY_COLUMNS = ["image", "caption", "label", "sample_id", "generator_id", "round_number", "seed", "plausible",
+                  "implausible", "image_sha256"]
+PAIR_BY = ("generator", "round", "class")
+IMAGE_FORMATS = ("jpeg", "png")
+JPEG_QUALITY = 95
+
+
+class _Rated:
+    """A sample's current decisive votes with what the exports need to name and read it."""
+
+    __slots__ = ("sample_id", "generator_id", "round_number", "seed", "class_name", "sha256", "location",
+                 "width", "plausible", "implausible")
+
+    def __init__(self, row, location):
+        self.sample_id, self.generator_id, self.round_number = row.sample_id, row.generator_id, row.round_number
+        self.seed, self.class_name, self.sha256, self.width = row.seed, row.class_name, row.sha256, row.width
+        self.location = location
+        self.plausible = self.implausible = 0
+
+    @property
+    def ratings(self) -> int:
+        return self.plausible + self.implausible
+
+    @property
+    def label(self) -> int | None:
+        """1 when most current decisive judgments say plausible, 0 when most say implausible, None on a tie."""
+        if self.plausible == self.implausible:
+            return None
+        return int(self.plausible > self.implausible)
+
+
+def _rated(ws, engine: Engine, min_ratings: int) -> list[_Rated]:
+    """Samples with at least ``min_ratings`` current plausible/implausible judgments, by id (unsure left out)."""
+    from store.images import locate, location_columns
+    from store.judgments import DECISIVE
+
+    if min_ratings < 1:
+        raise PathloopError(f"--min-ratings {min_ratings}; expected a whole number of at least 1")
+    query = (select(Judgment.sample_id, Judgment.verdict, Sample.generator_id, Sample.round_number, Sample.seed,
+                    Sample.class_name, Image.sha256, *location_columns())
+             .join(Sample, Sample.id == Judgment.sample_id).join(Image, Image.id == Sample.image_id)
+             .where(Judgment.sample_id.is_not(None), Judgment.verdict.in_(DECISIVE), is_current())
+             .order_by(Judgment.sample_id, Judgment.id))
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    by_id: dict[int, _Rated] = {}
+    for r in rows:
+        item = by_id.get(r.sample_id)
+        if item is None:
+            item = by_id[r.sample_id] = _Rated(r, locate(ws.root, r.path, r.shard, r.offset, r.length, r.codec,
+                                                         r.width, r.height))
+        if r.verdict == "plausible":
+            item.plausible += 1
+        else:
+            item.implausible += 1
+    return [x for x in by_id.values() if x.ratings >= min_ratings]
+
+
+def _encoder(fmt: str):
+    """A function from a rated sample to its image bytes (cached: a sample may sit in many pairs)."""
+    import io
+
+    from PIL import Image as PILImage
+
+    from store.images import load_rgb
+
+    if fmt not in IMAGE_FORMATS:
+        raise PathloopError(f"image format {fmt!r}; expected one of: {', '.join(IMAGE_FORMATS)}")
+    cache: dict[int, bytes] = {}
+
+    def encode(item: _Rated) -> bytes:
+        if item.sample_id not in cache:
+            buf = io.BytesIO()
+            im = PILImage.fromarray(load_rgb(item.location, item.width))
+            if fmt == "jpeg":
+                im.save(buf, format="JPEG", quality=JPEG_QUALITY)
+            else:
+                im.save(buf, format="PNG")
+            cache[item.sample_id] = buf.getvalue()
+        return cache[item.sample_id]
+
+    return encode
+
+
+def _write_parquet(table, out: Path) -> None:
+    """``table`` to ``out`` through a temporary file beside it, renamed into place."""
+    import pyarrow.parquet as pq
+
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise PathloopError(f"cannot write {out}: {_reason(e)}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def _check_parquet_out(out: Path, default_name: str) -> None:
+    check_out_folder(out)
+    if out.is_dir():
+        raise PathloopError(f"cannot write {out}: it is a folder; give a file name such as {out / default_name}")
+
+
+def _pair_key(item: _Rated, pair_by: str) -> tuple:
+    if pair_by == "generator":
+        return (item.class_name, item.generator_id)
+    if pair_by == "round":
+        return (item.class_name, -1 if item.round_number is None else item.round_number)
+    return (item.class_name,)
+
+
+def preference_pairs(ws, engine: Engine, *, min_ratings: int = 2, pair_by: str = "generator",
+                     max_pairs: int | None = 10_000, seed: int = 0) -> list[tuple[_Rated, _Rated, bool]]:
+    """(plausible, implausible, swapped) triples: which pairs the ``pairs`` export writes, in order.
+
+    A sample is plausible when most of its current decisive judgments say so, implausible when
+    most say not; ties and samples below ``min_ratings`` are left out. Within each group (class
+    and generator version, class and round, or class alone) every plausible sample is paired
+    with every implausible one; when there are more than ``max_pairs`` pairs in all, that many
+    are drawn at random without replacement (seeded). ``swapped`` (a seeded coin flip per pair)
+    puts the implausible image first, so ``label_0`` is 1.0 or 0.0 about equally often.
+    """
+    import numpy as np
+
+    if pair_by not in PAIR_BY:
+        raise PathloopError(f"--pair-by {pair_by!r}; expected one of: {', '.join(PAIR_BY)}")
+    if max_pairs is not None and max_pairs < 1:
+        raise PathloopError(f"--max-pairs {max_pairs}; expected a whole number of at least 1")
+    groups: dict[tuple, tuple[list[_Rated], list[_Rated]]] = {}
+    for item in _rated(ws, engine, min_ratings):
+        if item.label is not None:
+            groups.setdefault(_pair_key(item, pair_by), ([], []))[1 - item.label].append(item)
+    groups = {k: v for k, v in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))) if v[0] and v[1]}
+    sizes = np.array([len(pos) * len(neg) for pos, neg in groups.values()], dtype=np.int64)
+    total = int(sizes.sum())
+    if total == 0:
+        return []
+    rng = np.random.default_rng(seed)
+    if max_pairs is None or total <= max_pairs:
+        picks = np.arange(total, dtype=np.int64)
+    else:
+        picks = np.sort(rng.choice(total, size=max_pairs, replace=False))
+    swaps = rng.random(len(picks)) < 0.5
+    ends = np.cumsum(sizes)
+    members = list(groups.values())
+    out = []
+    for pick, swap in zip(picks.tolist(), swaps.tolist(), strict=True):
+        g = int(np.searchsorted(ends, pick, side="right"))
+        pos, neg = members[g]
+        r = pick - int(ends[g] - sizes[g])
+        out.append((pos[r // len(neg)], neg[r % len(neg)], bool(swap)))
+    return out
+
+
+def export_pairs(ws, engine: Engine, out_path: str | os.PathLike, *, min_ratings: int = 2,
+                 pair_by: str = "generator", max_pairs: int | None = 10_000, seed: int = 0) -> int:
+    """Write preference pairs as Parquet in the Pick-a-Pic v2 layout (``PAIR_COLUMNS``); returns the pair count.
+
+    ``jpg_0``/``jpg_1`` are JPEG bytes (quality 95, so not bit-exact to the stored PNGs),
+    ``label_0`` is 1.0 when image 0 is the plausible one and 0.0 when image 1 is, ``label_1``
+    its complement, ``caption`` the class name. Which pairs: ``preference_pairs``.
+    """
+    import pyarrow as pa
+
+    out = Path(out_path)
+    _check_parquet_out(out, "pairs.parquet")
+    pairs = preference_pairs(ws, engine, min_ratings=min_ratings, pair_by=pair_by, max_pairs=max_pairs, seed=seed)
+    if not pairs:
+        raise PathloopError(f"no preference pairs to export: no class (per {pair_by}) has both a sample most experts "
+                            f"rated plausible and one most rated implausible, with at least {min_ratings} current "
+                            f"plausible/implausible judgment(s) each; rate more samples or lower --min-ratings")
+    encode = _encoder("jpeg")
+    cols: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
+    for good, bad, swap in pairs:
+        first, second = (bad, good) if swap else (good, bad)
+        label = 0.0 if swap else 1.0
+        for name, value in (("jpg_0", encode(first)), ("jpg_1", encode(second)), ("label_0", label),
+                            ("label_1", 1.0 - label), ("caption", good.class_name)):
+            cols[name].append(value)
+        for k, item in (("0", first), ("1", second)):
+            cols[f"sample_id_{k}"].append(item.sample_id)
+            cols[f"generator_id_{k}"].append(item.generator_id)
+            cols[f"round_number_{k}"].append(item.round_number)
+            cols[f"plausible_{k}"].append(item.plausible)
+            cols[f"implausible_{k}"].append(item.implausible)
+    types = {"jpg_0": pa.binary(), "jpg_1": pa.binary(), "label_0": pa.float64(), "label_1": pa.float64(),
+             "caption": pa.string()}
+    schema = pa.schema([(c, types.get(c, pa.int64())) for c in PAIR_COLUMNS])
+    _write_parquet(pa.Table.from_pydict(cols, schema=schema), out)
+    return len(pairs)
+
+
+def export_binary(ws, engine: Engine, out_path: str | os.PathLike, *, min_ratings: int = 2,
+                  image_format: str = "jpeg") -> tuple[int, int]:
+    """Write one row per rated sample as Parquet (``BINARY_COLUMNS``); returns ``(rows, ties left out)``.
+
+    ``image`` holds JPEG (quality 95, lossy) or PNG (lossless) bytes, ``caption`` the class
+    name, ``label`` 1 when most of the sample's current decisive judgments say plausible and 0
+    when most say implausible; ties and samples below ``min_ratings`` are left out.
+    """
+    import pyarrow as pa
+
+    out = Path(out_path)
+    _check_parquet_out(out, "binary.parquet")
+    encode = _encoder(image_format)
+    rated = _rated(ws, engine, min_ratings)
+    kept = [x for x in rated if x.label is not None]
+    if not kept:
+        ties = f" ({len(rated)} rated, all ties)" if rated else ""
+        raise PathloopError(f"no rated samples to export: none has at least {min_ratings} current "
+                            f"plausible/implausible judgment(s) with a majority{ties}; rate more samples or lower "
+                            f"--min-ratings")
+    cols = {"image": [encode(x) for x in kept], "caption": [x.class_name for x in kept],
+            "label": [x.label for x in kept], "sample_id": [x.sample_id for x in kept],
+            "generator_id": [x.generator_id for x in kept], "round_number": [x.round_number for x in kept],
+            "seed": [x.seed for x in kept], "plausible": [x.plausible for x in kept],
+            "implausible": [x.implausible for x in kept], "image_sha256": [x.sha256 for x in kept]}
+    types = {"image": pa.binary(), "caption": pa.string(), "image_sha256": pa.string()}
+    schema = pa.schema([(c, types.get(c, pa.int64())) for c in BINARY_COLUMNS])
+    _write_parquet(pa.Table.from_pydict(cols, schema=schema), out)
+    return len(kept), len(rated) - len(kept)
