@@ -86,21 +86,29 @@ def export_judgments(engine: Engine, out_path: str | os.PathLike, fmt: str) -> i
     df = judgments_frame(engine)
     if df.empty:
         raise PathloopError("no judgments to export yet; rate some tiles first")
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         if fmt == "csv":
             df.to_csv(tmp, index=False, encoding="utf-8")
         elif fmt == "parquet":
             df.to_parquet(tmp, index=False)
         else:
             df.to_json(tmp, orient="records", lines=True, date_format="iso", date_unit="us", force_ascii=False)
+
+    _write_atomically(out, write)
+    return len(df)
+
+
+def _write_atomically(out: Path, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``out``, renamed into place; an OS error is one line."""
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
         os.replace(tmp, out)
     except OSError as e:
         raise PathloopError(f"cannot write {out}: {_reason(e)}") from None
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-    return len(df)
 
 
 def check_out_folder(out: Path) -> None:
@@ -280,15 +288,7 @@ def _write_parquet(table, out: Path) -> None:
     """``table`` to ``out`` through a temporary file beside it, renamed into place."""
     import pyarrow.parquet as pq
 
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, out)
-    except OSError as e:
-        raise PathloopError(f"cannot write {out}: {_reason(e)}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    _write_atomically(out, lambda tmp: pq.write_table(table, tmp))
 
 
 def _check_parquet_out(out: Path, default_name: str) -> None:
