@@ -290,12 +290,13 @@ def test_checklist_saved_state_and_undo_by_keys_alone(chromium, served_with_refe
             press_until("u", count(4), "an undo")  # a retraction row
             expect(page.get_by_text(re.compile(r"^2 rated today"))).to_be_visible(timeout=WAIT_MS)
             press_until("p", count(5), "a rating of the undone tile")
-            expect(saved_text()).to_be_visible(timeout=WAIT_MS)
+            rows = judgments(engine)
+            # The badge may still show the previous save until the page re-renders: wait for this one's.
+            expect(page.get_by_text(f"Saved {rows[4].created_at:%H:%M:%S} UTC")).to_be_visible(timeout=WAIT_MS)
             shown = page.get_by_text(re.compile(r"Saved \d\d:\d\d:\d\d UTC")).first.inner_text()
         finally:
             browser.close()
 
-    rows = judgments(engine)
     assert [j.verdict for j in rows] == ["plausible", "implausible", "unsure", "retracted", "plausible"]
     assert rows[1].reasons == [DEFAULT_CRITERIA[1], DEFAULT_CRITERIA[6]]
     assert rows[3].supersedes_id == rows[2].id and rows[4].sample_id == rows[2].sample_id
