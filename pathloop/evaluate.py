@@ -12,6 +12,7 @@ Per version:
   every version, never stored — against the real **test** tiles: FID (torchmetrics, fed the
   extractor's features through an identity feature module), precision, recall, density and
   coverage (``prdc``), in the feature space of a fixed extractor (pathloop/features.py);
+  FID and coverage with percentile-bootstrap 95% intervals (``bootstrap`` resamples);
 - **downstream utility**: the small classifier trained on the fresh synthetic tiles only,
   tested on the real test tiles (accuracy, balanced accuracy), next to the same recipe
   trained on the real train tiles;
@@ -117,6 +118,38 @@ def prdc(real: np.ndarray, fake: np.ndarray, nearest_k: int = 5) -> dict[str, fl
         out = compute_prdc(real_features=np.asarray(real, dtype=np.float64),
                            fake_features=np.asarray(fake, dtype=np.float64), nearest_k=k)
     return {name: float(v) for name, v in out.items()} | {"k": k}
+
+
+def bootstrap_intervals(real: np.ndarray, fake: np.ndarray, *, n_boot: int, seed: int, nearest_k: int = 5,
+                        level: float = 0.95) -> dict:
+    """Percentile bootstrap intervals of FID and coverage from ``(N, D)`` real and ``(M, D)`` fake features.
+
+    FID: both sets are resampled with replacement (the draw of the fresh tiles and of the real
+    test tiles). Coverage is a mean over real tiles of "a fake lies within this tile's k-NN
+    radius": the real tiles are resampled with their radii and indicators fixed, as computed
+    on the full sets. (Resampling the fakes would bias it: a resample holds about 63% of the
+    distinct fakes, so it covers less, and the interval can miss the point estimate.) So the
+    coverage interval is the spread from the real test set; the spread from the fresh draw is
+    what other seeds show. ``n_boot`` draws from one seeded generator: reproducible. Returns
+    ``{"fid": {"low", "high"}, "coverage": {"low", "high"}, "resamples": n_boot}``.
+    """
+    from sklearn.metrics import pairwise_distances
+
+    if n_boot < 2:
+        raise PathloopError(f"bootstrap = {n_boot}; expected at least 2 resamples (or 0 for none)")
+    k = max(1, min(nearest_k, len(real) - 2, len(fake) - 2))  # as prdc() caps it
+    real_d = pairwise_distances(real)
+    radius = np.sort(real_d, axis=1)[:, k]  # the k-th nearest other real tile (index 0 is the tile itself)
+    covered = (pairwise_distances(real, fake).min(axis=1) < radius).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    fids, covs = np.empty(n_boot), np.empty(n_boot)
+    for b in range(n_boot):
+        r_idx = rng.integers(0, len(real), len(real))
+        fids[b] = fid(real[r_idx], fake[rng.integers(0, len(fake), len(fake))])
+        covs[b] = covered[r_idx].mean()
+    tail = 100 * (1 - level) / 2
+    return {name: {"low": float(np.percentile(v, tail)), "high": float(np.percentile(v, 100 - tail))}
+            for name, v in (("fid", fids), ("coverage", covs))} | {"resamples": n_boot}
 
 
 def copy_threshold(train: np.ndarray, percentile: float = 5.0) -> float:
@@ -384,6 +417,8 @@ def evaluate(ws: Workspace, engine: Engine, cfg: EvaluateConfig, *, model: int |
             "reward": reward_plausibility(engine, reward_fn, stored, stored_x, fresh, fresh_labels, classes),
             "simulated_expert": simulated_plausibility(judge, fresh, fresh_labels, classes) if judge else None,
             "fid": fid(test_f, fresh_f), **prdc(test_f, fresh_f, cfg.nearest_k),
+            "intervals": (bootstrap_intervals(test_f, fresh_f, n_boot=cfg.bootstrap, seed=cfg.seed,
+                                              nearest_k=cfg.nearest_k) if cfg.bootstrap else None),
             "utility": _utility(syn_clf, test_x, test_y) | {"trained_on": len(fresh)},
             "memorisation": {"threshold": threshold, "fresh_copies": int((fresh_d <= threshold).sum()),
                              "fresh_share": float((fresh_d <= threshold).mean()),
@@ -417,5 +452,5 @@ def _utility(model, test_x: np.ndarray, test_y: np.ndarray) -> dict:
             "balanced_accuracy": float(balanced_accuracy_score(test_y, pred))}
 
 
-__all__ = ["EvaluateConfig", "EvaluationResult", "FeatureExtractor", "evaluate", "fid", "prdc", "flag_copies",
-           "copy_threshold", "copy_flags", "nearest_train", "lineage", "chosen_versions", "expert_plausibility"]
+__all__ = ["EvaluateConfig", "EvaluationResult", "FeatureExtractor", "evaluate", "fid", "prdc", "bootstrap_intervals",
+           "flag_copies", "copy_threshold", "copy_flags", "nearest_train", "lineage", "chosen_versions", "expert_plausibility"]

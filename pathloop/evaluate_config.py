@@ -28,6 +28,9 @@ class EvaluateConfig:
         "read at most N real tiles per class of each split (train, test) for the extractor, the real-tile "
         "classifier, the copy check and the simulated expert; a larger class is subsampled, the same tiles every "
         "time (a fixed hash of tile ids); memory grows with N: 0.2 GB per 1000 tiles of 256 px")})
+    bootstrap: int = field(default=200, metadata={"metavar": "N", "help": (
+        "bootstrap resamples of the 95 percent intervals of FID (real test and fresh features resampled) and "
+        "coverage (real test tiles resampled); 0: no intervals")})
     utility_epochs: int = field(default=30, metadata={"help": "epochs of the downstream-utility classifiers"})
     simulated_expert: bool = field(default=False, metadata={
         "help": "also rate the fresh samples with the simulated expert (pathloop/simulate.py), fitted on the real "
@@ -41,6 +44,8 @@ class EvaluateConfig:
             raise PathloopError(f"per_class = {self.per_class}; expected at least 2 (FID needs two samples)")
         if self.sampler not in ("ddim", "ddpm"):
             raise PathloopError(f"sampler {self.sampler!r}; expected ddim or ddpm")
+        if self.bootstrap < 0 or self.bootstrap == 1:
+            raise PathloopError(f"bootstrap = {self.bootstrap}; expected 0 (no intervals) or at least 2 resamples")
         if not 0 < self.copy_percentile < 100:
             raise PathloopError(f"copy_percentile = {self.copy_percentile}; expected a percentile in (0, 100)")
         if self.simulated_expert and self.real_per_class < 5:

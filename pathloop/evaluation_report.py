@@ -47,6 +47,14 @@ def _simulated_rows(versions: list[dict], classes: list[str]) -> list[tuple[str,
             *((f"  {c}", [_share(x.get("per_class", {}).get(c)) for x in sim]) for c in classes)]
 
 
+def _interval_rows(versions: list[dict], name: str, key: str, digits: int) -> list[tuple[str, list[str]]]:
+    """A row of bootstrap 95% intervals under the metric's, when the evaluation computed them."""
+    if not any(v.get("intervals") for v in versions):
+        return []
+    return [(f"  {name} bootstrap 95% CI", [f"{_num(v['intervals'][key]['low'], digits)}-{_num(v['intervals'][key]['high'], digits)}"
+                                           if v.get("intervals") else "-" for v in versions])]
+
+
 def format_table(versions: list[dict], baseline: dict, classes: list[str], real: dict | None = None) -> str:
     """Metrics as rows, versions as columns; ``real`` (the config's ``real_tiles``) adds a line when the real
     tiles were subsampled."""
@@ -60,7 +68,9 @@ def format_table(versions: list[dict], baseline: dict, classes: list[str], real:
                                       if v["reward"] else "-" for v in versions]),
         ("reward p, fresh samples", [_num(v["reward"]["fresh"]["mean"]) if v["reward"] else "-" for v in versions]),
         ("FID (lower is better)", [_num(v["fid"], 2) for v in versions]),
+        *_interval_rows(versions, "FID", "fid", 2),
         *((m, [_num(v[m]) for v in versions]) for m in ("precision", "recall", "density", "coverage")),
+        *_interval_rows(versions, "coverage", "coverage", 3),
         ("utility accuracy", [_num(v["utility"]["accuracy"]) for v in versions]),
         ("utility balanced accuracy", [_num(v["utility"]["balanced_accuracy"]) for v in versions]),
         ("copies, fresh samples", [f"{v['memorisation']['fresh_copies']}/{v['fresh_samples']}" for v in versions]),

@@ -19,6 +19,7 @@ from finetune.registry import load_generator
 from finetune.sample import SampleSettings, generate_into_store
 from pathloop.evaluate import (
     EvaluateConfig,
+    bootstrap_intervals,
     chosen_versions,
     copy_flags,
     evaluate,
@@ -65,6 +66,25 @@ def test_fid_of_two_gaussians_by_hand():
     a = rng.normal(size=(4000, 2))
     b = a + np.array([3.0, 0.0])
     assert fid(a, b) == pytest.approx(9.0, abs=1e-6)
+
+
+def test_bootstrap_intervals_hold_the_point_estimate_shrink_with_n_and_repeat_by_seed():
+    rng = np.random.default_rng(4)
+    real, fake = rng.normal(size=(120, 3)), rng.normal(size=(120, 3)) + np.array([1.0, 0.0, 0.0])
+    iv = bootstrap_intervals(real, fake, n_boot=200, seed=0, nearest_k=3)
+    assert iv["fid"]["low"] <= fid(real, fake) <= iv["fid"]["high"]
+    cov = prdc(real, fake, 3)["coverage"]
+    assert iv["coverage"]["low"] <= cov <= iv["coverage"]["high"] and iv["resamples"] == 200
+    # the coverage resamples the real tiles' indicators: their mean over all tiles is prdc's coverage
+    assert abs((iv["coverage"]["low"] + iv["coverage"]["high"]) / 2 - cov) < 0.05
+    assert iv["fid"]["high"] - iv["fid"]["low"] > 0.05  # a real spread, not a point
+    assert bootstrap_intervals(real, fake, n_boot=200, seed=0, nearest_k=3) == iv
+    # four times the tiles: about half the width (the spread is sampling noise, ~1/sqrt(n))
+    big_r, big_f = rng.normal(size=(480, 3)), rng.normal(size=(480, 3)) + np.array([1.0, 0.0, 0.0])
+    big = bootstrap_intervals(big_r, big_f, n_boot=200, seed=0, nearest_k=3)
+    assert big["fid"]["high"] - big["fid"]["low"] < 0.75 * (iv["fid"]["high"] - iv["fid"]["low"])
+    with pytest.raises(PathloopError, match="bootstrap = 1; expected at least 2"):
+        bootstrap_intervals(real, fake, n_boot=1, seed=0)
 
 
 def test_an_exact_copy_of_a_train_tile_is_flagged_and_a_fresh_one_is_not():
@@ -164,6 +184,9 @@ def test_evaluate_writes_the_table_files_plots_and_rows(tiny_ws):
     for v in r.versions:
         assert np.isfinite(v["fid"]) and 0 <= v["precision"] <= 1 and 0 <= v["utility"]["accuracy"] <= 1
         assert v["fresh_samples"] == 12 and v["real_test_tiles"] == 8
+        iv = v["intervals"]  # bootstrap 95% intervals around the point estimates
+        assert iv["fid"]["low"] <= v["fid"] <= iv["fid"]["high"] and iv["resamples"] == r.config["bootstrap"]
+        assert iv["coverage"]["low"] <= v["coverage"] <= iv["coverage"]["high"]
     assert first["memorisation"]["stored"] == 4
     sim = first["simulated_expert"]  # the rule-based rater on the fresh samples, with intervals
     assert sim["n"] == 12 and sim["per_class"]["red"]["n"] == 6 and sim["low"] <= sim["rate"] <= sim["high"]
@@ -172,6 +195,7 @@ def test_evaluate_writes_the_table_files_plots_and_rows(tiny_ws):
     assert lines[0].split() == [f"v{parent}", f"v{child}", "r1"]
     assert any(line.startswith("expert plausible [95% CI]") and "n=8" in line and "- (n=0)" in line for line in lines)
     assert any(line.startswith("FID (lower is better)") for line in lines)
+    assert any(line.strip().startswith("FID bootstrap 95% CI") for line in lines)
     assert any(line.startswith("simulated expert, fresh [95% CI]") and "n=12" in line for line in lines)
 
     files = {p.name for p in r.folder.iterdir()}
