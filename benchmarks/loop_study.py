@@ -23,6 +23,14 @@ utility, and the share of fresh samples flagged as copies of training tiles. Rou
 measured once more on other seeds (row ``seeds+1``): how far every figure moves with the
 draw alone, next to the targets' thresholds.
 
+Repeats (``--seeds N``): each seed pretrains its own round-0 generator and runs every arm in
+``OUT/seed-K/``; ``OUT/summary.{json,txt}`` holds each arm's plausibility gain at the last
+round per seed (last round minus its own round 0) with the mean and a Student-t 95% interval
+over seeds, and the FID and coverage changes per seed (each side with its bootstrap
+interval from ``pathloop evaluate``). Compared objectives (``--compare kto,weighted``): each
+runs the same rounds from the same round-0 generator in its own copy of the workspace
+(``workspace-<objective>``, arm ``loop-<objective>``), judged by the same simulated expert.
+
 The targets of the study (plausibility +15 points with its interval clear of round 0's, FID
 at most 10% worse, coverage within 0.05, no such rise in the control) are checked and printed,
 not asserted: the study reports what happened.
@@ -96,9 +104,15 @@ class StudyConfig:
     eval_per_class: int = field(default=64, metadata={"help": "fresh samples per class and version in the final evaluation"})
     utility_epochs: int = field(default=30, metadata={"help": "epochs of the downstream-utility classifiers"})
     seed: int = field(default=0, metadata={"help": "base seed of everything"})
+    seeds: int = field(default=1, metadata={
+        "help": "independent repeats, each from its own round-0 generator (seeds seed, seed+1, ...): the gains get "
+                "a 95 percent interval over seeds"})
+    compare: str = field(default="", metadata={
+        "help": "further loop arms, comma-separated objectives (e.g. kto,weighted): each runs the same rounds from "
+                "the same round-0 generator, in a copy of the workspace"})
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "rate", "per_class", "pretrain_steps", "finetune_steps", "eval_per_class"):
+        for name in ("rounds", "rate", "per_class", "pretrain_steps", "finetune_steps", "eval_per_class", "seeds"):
             if getattr(self, name) < 1:
                 raise PathloopError(f"{name} = {getattr(self, name)}; expected at least 1")
         if self.weighting not in ("reward", "binary", "normalized"):
@@ -110,7 +124,15 @@ class StudyConfig:
 
         check_size(self.preset, self.tile_size)  # before anything is written
         round_options(self)  # the round's and the evaluation's own checks, too
+        for objective in self.compared():
+            if objective == self.objective:
+                raise PathloopError(f"compare {objective!r}: the loop arm already runs objective {objective}")
+            round_options(replace(self, objective=objective, compare=""))
         evaluate_config(self)
+
+    def compared(self) -> list[str]:
+        """The further loop arms' objectives, in the order given."""
+        return [o.strip() for o in self.compare.split(",") if o.strip()]
 
 
 # Every stage in seconds, for an end-to-end test of the study's plumbing (not of its outcome). A
@@ -164,8 +186,8 @@ def round_options(cfg: StudyConfig):
                         eval_per_class=max(2, cfg.round_eval_per_class), seed=cfg.seed)
 
 
-def run_loop(ws, engine, cfg: StudyConfig, timings: dict, log: Callable[[str], None]) -> list[dict]:
-    """The loop arm through ``pathloop.rounds``, the simulated expert rating each round: one dict per round."""
+def run_loop(ws, engine, cfg: StudyConfig, timings: dict, log: Callable[[str], None], arm: str = "loop") -> list[dict]:
+    """A loop arm through ``pathloop.rounds``, the simulated expert rating each round: one dict per round."""
     from pathloop import rounds
     from pathloop.simulate import SimulatedExpert, simulate
     from store.generators import get_generator
@@ -187,7 +209,7 @@ def run_loop(ws, engine, cfg: StudyConfig, timings: dict, log: Callable[[str], N
         r = rounds.list_rounds(engine)[-1]
         if r.number != number or r.state != "done":
             raise RuntimeError(f"round {number} ended in state {r.state}")
-        timings[f"loop round {number}"] = {
+        timings[f"{arm} round {number}"] = {
             "generate": t_gen - t, "simulated expert": t_rate - t_gen,
             "reward model": stamps["training_reward"] - stamps["awaiting_ratings"],
             "fine-tune": stamps["finetuning"] - stamps["training_reward"],
@@ -199,7 +221,7 @@ def run_loop(ws, engine, cfg: StudyConfig, timings: dict, log: Callable[[str], N
                     "reward_roc_auc": metrics.get("roc_auc"), "reward_test_n": metrics.get("n"),
                     "selected_step": selection.get("selected_step"), "selection": selection.get("history")})
         chosen = f", child = step {selection['selected_step']}" if selection else ""
-        log(f"loop round {number}: rated {rated.judgments} ({rated.plausible} plausible), reward ROC-AUC "
+        log(f"{arm} round {number}: rated {rated.judgments} ({rated.plausible} plausible), reward ROC-AUC "
             f"{_fmt(metrics.get('roc_auc'))}, generator version {r.generator_out_id}{chosen} "
             f"({time.perf_counter() - t:.0f} s)")
     return out
@@ -229,30 +251,39 @@ def run_control(ws, engine, cfg: StudyConfig, start_id: int, timings: dict, log:
 # ---------------------------------------------------------------- the report
 
 
-def study_rows(versions: dict[int, dict], g0: int, loop: list[dict], control: list[dict],
-               again: dict | None = None) -> list[dict]:
+def study_rows(versions: dict[int, dict], g0: int, loops: dict[str, list[dict]], control: list[dict],
+               again: dict | None = None, objectives: dict[str, str] | None = None,
+               classes: list[str] = CLASSES) -> list[dict]:
     """One flat row per (arm, round), round 0 shared: what the table, CSV and plots show.
 
-    ``again``: round 0 measured once more on other seeds (arm ``seeds+1``), the spread of the
-    measurement itself.
+    ``loops``: arm name -> its rounds (``loop``, and ``loop-<objective>`` for compared objectives);
+    ``versions``: workspace -> generator id -> evaluated metrics, where the workspace is
+    ``base`` (round 0, ``loop``, the control) or a compared arm's name (its own copy of the
+    workspace, so ids repeat across copies). ``again``: round 0 measured once more on other seeds (arm
+    ``seeds+1``), the spread of the measurement itself.
     """
     def row(arm: str, number: int, gid: int, extra: dict | None = None, v: dict | None = None) -> dict:
-        v = v or versions[gid]
+        v = v or versions.get(arm, versions["base"])[gid]
         sim = v["simulated_expert"]
-        return {"arm": arm, "round": number, "generator_id": gid,
+        iv = v.get("intervals") or {}
+        return {"arm": arm, "objective": (objectives or {}).get(arm, "none" if arm == "control" else "-"),
+                "round": number, "generator_id": gid,
                 "plausibility": sim["rate"], "plausibility_low": sim["low"], "plausibility_high": sim["high"],
                 "plausibility_n": sim["n"],
-                **{f"plausibility_{c}": sim["per_class"][c]["rate"] for c in CLASSES},
+                **{f"plausibility_{c}": sim["per_class"][c]["rate"] for c in classes},
                 "reward_p_fresh": v["reward"]["fresh"]["mean"] if v["reward"] else None,
-                "fid": v["fid"], "precision": v["precision"], "recall": v["recall"], "density": v["density"],
-                "coverage": v["coverage"], "utility_accuracy": v["utility"]["accuracy"],
+                "fid": v["fid"], "fid_low": iv.get("fid", {}).get("low"), "fid_high": iv.get("fid", {}).get("high"),
+                "precision": v["precision"], "recall": v["recall"], "density": v["density"],
+                "coverage": v["coverage"], "coverage_low": iv.get("coverage", {}).get("low"),
+                "coverage_high": iv.get("coverage", {}).get("high"), "utility_accuracy": v["utility"]["accuracy"],
                 "utility_balanced_accuracy": v["utility"]["balanced_accuracy"],
                 "copies_share": v["memorisation"]["fresh_share"], **(extra or {})}
 
     rows = [row("both", 0, g0)]
-    rows += [row("loop", r["round"], r["generator_id"], {k: r[k] for k in ("rated", "rated_plausible",
-                                                                           "reward_roc_auc", "selected_step")})
-             for r in loop]
+    for arm, rounds_ in loops.items():
+        rows += [row(arm, r["round"], r["generator_id"], {k: r[k] for k in ("rated", "rated_plausible",
+                                                                            "reward_roc_auc", "selected_step")})
+                 for r in rounds_]
     rows += [row("control", r["round"], r["generator_id"]) for r in control]
     if again is not None:
         rows.append(row("seeds+1", 0, g0, v=again))
@@ -295,23 +326,32 @@ def _fmt(x, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _with_interval(r: dict, key: str, digits: int) -> str:
+    if r.get(f"{key}_low") is None:
+        return _fmt(r[key], digits)
+    return f"{_fmt(r[key], digits)} [{_fmt(r[f'{key}_low'], digits)}-{_fmt(r[f'{key}_high'], digits)}]"
+
+
 def format_table(rows: list[dict]) -> str:
-    head = ["arm", "round", "version", "sim. expert plausible [95% CI]", *CLASSES, "reward p", "FID", "precision",
-            "recall", "density", "coverage", "utility acc", "bal. acc", "copies", "rated (plausible)", "reward AUC",
+    classes = [k[len("plausibility_"):] for k in rows[0] if k.startswith("plausibility_")
+               and k not in ("plausibility_low", "plausibility_high", "plausibility_n")]
+    head = ["arm", "objective", "round", "version", "sim. expert plausible [95% CI]", *classes, "reward p", "FID [95% CI]",
+            "precision", "recall", "density", "coverage [95% CI]", "utility acc", "bal. acc", "copies", "rated (plausible)", "reward AUC",
             "child = step"]
     body = []
     for r in rows:
-        body.append([r["arm"], str(r["round"]), f"v{r['generator_id']}",
+        body.append([r["arm"], r.get("objective", "-"), str(r["round"]), f"v{r['generator_id']}",
                      f"{r['plausibility']:.3f} [{r['plausibility_low']:.3f}-{r['plausibility_high']:.3f}] "
                      f"n={r['plausibility_n']}",
-                     *(_fmt(r[f"plausibility_{c}"]) for c in CLASSES), _fmt(r["reward_p_fresh"]), _fmt(r["fid"], 2),
-                     _fmt(r["precision"]), _fmt(r["recall"]), _fmt(r["density"]), _fmt(r["coverage"]),
+                     *(_fmt(r[f"plausibility_{c}"]) for c in classes), _fmt(r["reward_p_fresh"]),
+                     _with_interval(r, "fid", 2), _fmt(r["precision"]), _fmt(r["recall"]), _fmt(r["density"]),
+                     _with_interval(r, "coverage", 3),
                      _fmt(r["utility_accuracy"]), _fmt(r["utility_balanced_accuracy"]), _fmt(r["copies_share"]),
                      f"{r['rated']} ({r['rated_plausible']})" if "rated" in r else "-",
                      _fmt(r.get("reward_roc_auc")), "-" if r.get("selected_step") is None else str(r["selected_step"])])
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) if i < 3 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
-    lines += ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths))) for b in body]
+    lines = ["  ".join(h.ljust(w) if i < 4 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    lines += ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths))) for b in body]
     return "\n".join(lines)
 
 
@@ -321,7 +361,10 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = {"loop": ("tab:red", "o-"), "control": ("tab:blue", "s--")}
+    loop_arms = list(dict.fromkeys(r["arm"] for r in rows if r["arm"].startswith("loop")))
+    styles = [("tab:red", "o-"), ("tab:orange", "^-"), ("tab:purple", "D-"), ("tab:green", "v-")]
+    arms = {arm: styles[i % len(styles)] for i, arm in enumerate(loop_arms)} | {"control": ("tab:blue", "s--")}
+    objective = {r["arm"]: r.get("objective", "-") for r in rows}
 
     def series(arm: str) -> list[dict]:
         return [rows[0]] + [r for r in rows if r["arm"] == arm]
@@ -329,10 +372,11 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for k, (arm, (colour, style)) in enumerate(arms.items()):
         pts = series(arm)
-        xs = [r["round"] + (k - 0.5) * 0.06 for r in pts]
+        xs = [r["round"] + (k - (len(arms) - 1) / 2) * 0.06 for r in pts]
         ys = [r["plausibility"] for r in pts]
         err = [[y - r["plausibility_low"] for y, r in zip(ys, pts)], [r["plausibility_high"] - y for y, r in zip(ys, pts)]]
-        label = "loop (simulated expert feedback)" if arm == "loop" else "control (continued pretraining)"
+        label = (f"{arm} ({objective[arm]}, simulated expert feedback)" if arm != "control"
+                 else "control (continued pretraining)")
         ax.errorbar(xs, ys, yerr=err, fmt=style, color=colour, capsize=4, label=label)
     n = rows[0]["plausibility_n"]
     ax.set_xticks(sorted({r["round"] for r in rows}))
@@ -372,13 +416,16 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
 # ---------------------------------------------------------------- the whole study
 
 
-def run_study(cfg: StudyConfig, out: Path, log: Callable[[str], None] = print) -> dict:
-    """Run both arms and the final evaluation in ``out`` (a new or empty folder); returns the results."""
+def run_seed(cfg: StudyConfig, out: Path, log: Callable[[str], None] = print) -> dict:
+    """One repeat: round 0, every loop arm, the control and the final evaluation in ``out``."""
+    import shutil
+
     from finetune.config import PretrainConfig
     from finetune.pretrain import pretrain
     from pathloop.evaluate import evaluate
-    if out.exists() and any(out.iterdir()):
-        raise PathloopError(f"{out} is not empty; the study starts from a new workspace (choose another --out)")
+    from store.db import make_engine
+    from store.workspace import Workspace
+
     started = time.perf_counter()
     timings: dict = {}
     ws, engine = make_workspace(out, cfg, log)
@@ -393,37 +440,182 @@ def run_study(cfg: StudyConfig, out: Path, log: Callable[[str], None] = print) -
                                              run_name="pretrain"), progress=False).id
     timings["pretrain"] = time.perf_counter() - t
     log(f"round 0: pretrained generator version {g0} ({timings['pretrain']:.0f} s)")
+    # each compared objective starts from this very round 0, in its own copy of the workspace
+    copies = {}
+    engine.dispose()
+    for objective in cfg.compared():
+        copies[f"loop-{objective}"] = (objective, shutil.copytree(ws.root, out / f"workspace-{objective}"))
 
-    loop = run_loop(ws, engine, cfg, timings, log)
+    loops = {"loop": run_loop(ws, engine, cfg, timings, log)}
+    objectives = {"loop": cfg.objective}
+    arm_engines = {}
+    for arm, (objective, folder) in copies.items():
+        arm_ws = Workspace.open(folder)
+        arm_engines[arm] = (arm_ws, make_engine(arm_ws.database_url))
+        loops[arm] = run_loop(*arm_engines[arm], replace(cfg, objective=objective, compare=""), timings, log, arm=arm)
+        objectives[arm] = objective
     control = run_control(ws, engine, cfg, g0, timings, log)
 
     t = time.perf_counter()
-    ids = [g0, *(r["generator_id"] for r in loop), *(r["generator_id"] for r in control)]
-    ev = evaluate(ws, engine, evaluate_config(cfg), model=loop[-1]["generator_id"], against=ids, progress=False, log=log)
+    ids = [g0, *(r["generator_id"] for r in loops["loop"]), *(r["generator_id"] for r in control)]
+    ev = evaluate(ws, engine, evaluate_config(cfg), model=loops["loop"][-1]["generator_id"], against=ids,
+                  progress=False, log=log)
+    versions = {"base": {v["generator_id"]: v for v in ev.versions}}
+    for arm, (arm_ws, arm_engine) in arm_engines.items():
+        arm_ids = [r["generator_id"] for r in loops[arm]]
+        arm_ev = evaluate(arm_ws, arm_engine, evaluate_config(cfg), model=arm_ids[-1], against=arm_ids,
+                          progress=False, log=log)
+        versions[arm] = {v["generator_id"]: v for v in arm_ev.versions}
+        arm_engine.dispose()
     timings["final evaluation"] = time.perf_counter() - t
-    # round 0 once more on other seeds: how far the figures move with the draw alone
-    t = time.perf_counter()
-    again = evaluate(ws, engine, replace(evaluate_config(cfg), seed=cfg.seed + 1), model=g0, against=[g0],
-                     progress=False, log=log).versions[0]
-    timings["round 0 on other seeds"] = time.perf_counter() - t
+    again = None
+    if cfg.seeds == 1:  # round 0 once more on other seeds: how far the figures move with the draw alone
+        t = time.perf_counter()
+        again = evaluate(ws, engine, replace(evaluate_config(cfg), seed=cfg.seed + 1), model=g0, against=[g0],
+                         progress=False, log=log).versions[0]
+        timings["round 0 on other seeds"] = time.perf_counter() - t
     engine.dispose()
 
-    rows = study_rows({v["generator_id"]: v for v in ev.versions}, g0, loop, control, again)
+    classes = list(ws.settings.classes)
+    rows = study_rows(versions, g0, loops, control, again, objectives, classes)
+    rows = [{"seed": cfg.seed, **r} for r in rows]
     targets = check_targets(rows)
-    total = time.perf_counter() - started
-    table = format_table(rows)
     results = {"config": asdict(cfg), "rows": rows, "targets": [{"target": n, "met": ok, "figures": f}
                                                                 for n, ok, f in targets],
-               "timings_s": timings, "total_s": total, "evaluation_folder": str(ev.folder), "baseline_real": ev.baseline,
-               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                           "device": "cuda" if torch.cuda.is_available() else "cpu"}}
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+               "timings_s": timings, "total_s": time.perf_counter() - started, "evaluation_folder": str(ev.folder),
+               "baseline_real": ev.baseline}
+    _write_results(out, results, rows)
+    return results
+
+
+def _write_results(out: Path, results: dict, rows: list[dict]) -> None:
     import pandas as pd
 
+    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                          "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    results["table"] = format_table(rows)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
-    (out / "table.txt").write_text(table + "\n")
+    (out / "table.txt").write_text(results["table"] + "\n")
     results["plots"] = [str(p) for p in plot(rows, out)]
-    return results | {"table": table}
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float | None, float | None]:
+    """Mean and Student-t ``level`` interval of ``values`` (one value per seed); no interval from one value."""
+    import numpy as np
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return float(x.mean()), None, None
+    half = stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+
+
+def summarise(per_seed: list[list[dict]]) -> dict:
+    """Gains at the last round per arm and seed, with their mean and 95% interval over seeds, and the targets.
+
+    ``per_seed``: each seed's rows (``study_rows``). A gain is the arm's last-round simulated-expert
+    plausibility minus its own seed's round 0; FID and coverage changes alike, with each side's
+    bootstrap interval kept in the per-seed lines.
+    """
+    arms = list(dict.fromkeys(r["arm"] for rows in per_seed for r in rows if r["arm"] not in ("both", "seeds+1")))
+    out = {"seeds": [rows[0]["seed"] for rows in per_seed], "arms": {}}
+    for arm in arms:
+        per = []
+        for rows in per_seed:
+            r0 = rows[0]
+            last = [r for r in rows if r["arm"] == arm][-1]
+            per.append({"seed": r0["seed"], "round": last["round"], "objective": last["objective"],
+                        "plausibility_0": r0["plausibility"], "plausibility_n": last["plausibility"],
+                        "gain": last["plausibility"] - r0["plausibility"],
+                        "fid_0": r0["fid"], "fid_n": last["fid"], "fid_n_interval": [last["fid_low"], last["fid_high"]],
+                        "fid_0_interval": [r0["fid_low"], r0["fid_high"]], "fid_change": last["fid"] / r0["fid"] - 1,
+                        "coverage_0": r0["coverage"], "coverage_n": last["coverage"],
+                        "coverage_0_interval": [r0["coverage_low"], r0["coverage_high"]],
+                        "coverage_n_interval": [last["coverage_low"], last["coverage_high"]],
+                        "coverage_change": last["coverage"] - r0["coverage"]})
+        agg = {}
+        for key in ("gain", "fid_change", "coverage_change"):
+            mean, low, high = t_interval([p[key] for p in per])
+            agg[key] = {"mean": mean, "low": low, "high": high}
+        out["arms"][arm] = {"objective": per[0]["objective"], "per_seed": per, **agg}
+    targets = []
+    for arm, a in out["arms"].items():
+        g = a["gain"]
+        if g["low"] is None:
+            targets.append({"target": f"{arm}: gain interval over seeds", "met": None,
+                            "figures": f"{100 * g['mean']:+.1f} points from 1 seed: no interval (needs --seeds 2 or more)"})
+            continue
+        figures = f"{100 * g['mean']:+.1f} points [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}] over {len(a['per_seed'])} seeds"
+        if arm == "control":
+            targets.append({"target": "control: gain not >= 15 points with its interval clear of 0",
+                            "met": not (g["mean"] >= 0.15 and g["low"] > 0), "figures": figures})
+        else:
+            targets.append({"target": f"{arm} ({a['objective']}): gain >= 15 points, interval over seeds clear of 0",
+                            "met": g["mean"] >= 0.15 and g["low"] > 0, "figures": figures})
+    out["targets"] = targets
+    return out
+
+
+def _joined(arm: dict, key: str, fmt: Callable[[float], str]) -> str:
+    return ", ".join(fmt(p[key]) for p in arm["per_seed"])
+
+
+def format_summary(summary: dict) -> str:
+    def pts(x):
+        return "-" if x is None else f"{100 * x:+.1f}"
+
+    lines = [f"{'arm':<16}{'objective':<12}{'gain per seed (points)':<30}{'mean gain [95% CI over seeds]':<34}"
+             f"{'FID change per seed':<28}coverage change per seed"]
+    for arm, a in summary["arms"].items():
+        g = a["gain"]
+        ci = f"{pts(g['mean'])} [{pts(g['low'])}, {pts(g['high'])}]" if g["low"] is not None else f"{pts(g['mean'])} [-]"
+        lines.append(f"{arm:<16}{a['objective']:<12}{', '.join(pts(p['gain']) for p in a['per_seed']):<30}{ci:<34}"
+                     f"{_joined(a, 'fid_change', lambda x: f'{100 * x:+.0f}%'):<28}"
+                     f"{_joined(a, 'coverage_change', lambda x: f'{x:+.3f}')}")
+    return "\n".join(lines)
+
+
+def run_study(cfg: StudyConfig, out: Path, log: Callable[[str], None] = print) -> dict:
+    """Run every seed's repeat in ``out`` (a new or empty folder; ``seed-K/`` each when there are several) and
+    summarise the gains over seeds; returns the results (one seed: that seed's, with the summary)."""
+    if out.exists() and any(out.iterdir()):
+        raise PathloopError(f"{out} is not empty; the study starts from a new workspace (choose another --out)")
+    started = time.perf_counter()
+    runs = []
+    for k in range(cfg.seeds):
+        seed_cfg = replace(cfg, seed=cfg.seed + k)
+        folder = out if cfg.seeds == 1 else out / f"seed-{seed_cfg.seed}"
+        if cfg.seeds > 1:
+            log(f"--- seed {seed_cfg.seed} ({k + 1} of {cfg.seeds})")
+        runs.append(run_seed(seed_cfg, folder, log))
+    summary = summarise([r["rows"] for r in runs])
+    summary["total_s"] = time.perf_counter() - started
+    summary["table"] = format_summary(summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "summary.txt").write_text(summary["table"] + "\n")
+    if cfg.seeds == 1:
+        return runs[0] | {"summary": summary, "total_s": summary["total_s"]}
+    rows = [r for run in runs for r in run["rows"]]
+    timings = {f"seed {run['config']['seed']}": run["timings_s"] for run in runs}
+    results = {"config": asdict(cfg), "rows": rows,
+               "targets": [t | {"target": f"seed {run['config']['seed']}: {t['target']}"} for run in runs
+                           for t in run["targets"]],
+               "timings_s": timings, "total_s": summary["total_s"], "summary": summary,
+               "machine": runs[0]["machine"], "table": "\n\n".join(f"seed {run['config']['seed']}:\n{run['table']}"
+                                                                  for run in runs),
+               "plots": [p for run in runs for p in run["plots"]]}
+    return results
+
+
+def _verdict(met: bool | None) -> str:
+    return "n/a   " if met is None else "met   " if met else "MISSED"
+
+
+def _seconds(v) -> float:
+    """A stage's seconds: a number, or the sum of a nested dict of them."""
+    return sum(_seconds(x) for x in v.values()) if isinstance(v, dict) else v
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,12 +637,18 @@ def main(argv: list[str] | None = None) -> int:
     print(results["table"])
     print()
     for t in results["targets"]:
-        print(f"{'met   ' if t['met'] else 'MISSED'}  {t['target']}: {t['figures']}")
+        print(f"{_verdict(t['met'])}  {t['target']}: {t['figures']}")
     print()
-    stages = "; ".join(f"{k} {sum(v.values()) if isinstance(v, dict) else v:.0f} s" for k, v in results["timings_s"].items())
+    print(results["summary"]["table"])
+    print()
+    for t in results["summary"]["targets"]:
+        print(f"{_verdict(t['met'])}  {t['target']}: {t['figures']}")
+    print()
+    stages = "; ".join(f"{k} {_seconds(v):.0f} s" for k, v in results["timings_s"].items())
     print(f"run time {results['total_s'] / 60:.1f} min on {results['machine']['cpus']} CPUs "
           f"({results['machine']['device']}): {stages}")
-    print(f"wrote {args.out}/results.json, results.csv, table.txt; plots: {', '.join(results['plots'])}")
+    print(f"wrote {args.out}/results.json, results.csv, table.txt, summary.json, summary.txt; plots: "
+          f"{', '.join(results['plots'])}")
     return 0
 
 

@@ -10,12 +10,26 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from sqlmodel import Session, select
 
 from store.db import make_engine
 from store.models import Annotator, Evaluation, GeneratorVersion, Judgment, Round
 
 STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "loop_study.py"
+
+
+def _load_study():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("loop_study", STUDY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+loop_study = _load_study()
 
 
 def run(*args, timeout=600):
@@ -30,6 +44,7 @@ def test_one_fast_round_of_the_study_runs_end_to_end(tmp_path):
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
     assert [(r["arm"], r["round"]) for r in rows] == [("both", 0), ("loop", 1), ("control", 1), ("seeds+1", 0)]
+    assert (out / "summary.json").is_file() and "no interval" in p.stdout  # one seed: gains without an interval
     # round 0 measured again on other seeds: the same version, other fresh tiles
     assert rows[3]["generator_id"] == rows[0]["generator_id"] and rows[3]["fid"] != rows[0]["fid"]
     for r in rows:
@@ -67,6 +82,47 @@ def test_one_fast_round_of_the_study_runs_end_to_end(tmp_path):
     # the round's own check (parent and child), the study's evaluation of all three versions and round 0 again
     assert sorted(e.generator_id for e in evaluations) == sorted(
         [rows[0]["generator_id"], loop_child.id] + [r["generator_id"] for r in rows])
+
+
+def test_seeds_and_compared_objectives_each_get_their_own_round_0_and_a_summary_over_seeds(tmp_path):
+    out = tmp_path / "study"
+    p = run("--fast", "--seeds", 2, "--compare", "weighted", "--out", out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and list(summary["arms"]) == ["loop", "loop-weighted", "control"]
+    for seed in (0, 1):
+        results = json.loads((out / f"seed-{seed}" / "results.json").read_text())
+        rows = results["rows"]
+        assert [(r["arm"], r["objective"], r["round"]) for r in rows] == [
+            ("both", "-", 0), ("loop", "preference", 1), ("loop-weighted", "weighted", 1), ("control", "none", 1)]
+        assert {r["seed"] for r in rows} == {seed} and results["config"]["seed"] == seed
+        for r in rows:  # bootstrap intervals around FID and coverage
+            assert r["fid_low"] <= r["fid"] <= r["fid_high"] and r["coverage_low"] <= r["coverage_high"]
+        for arm in ("loop", "loop-weighted", "control"):  # the summary's gain is this seed's last round - round 0
+            (last,) = [r for r in rows if r["arm"] == arm]
+            (entry,) = [e for e in summary["arms"][arm]["per_seed"] if e["seed"] == seed]
+            assert entry["gain"] == pytest.approx(last["plausibility"] - rows[0]["plausibility"])
+        # the compared arm ran its round in its own copy of the workspace, from the same round 0
+        copy = make_engine(f"sqlite:///{out / f'seed-{seed}' / 'workspace-weighted' / 'pathloop.db'}")
+        with Session(copy) as s:
+            (round1,) = s.exec(select(Round)).all()
+            child = s.get(GeneratorVersion, round1.generator_out_id)
+        copy.dispose()
+        assert child.config["objective"] == "weighted" and child.parent_id == rows[0]["generator_id"]
+    # two seeds' round-0 generators differ (their own pretraining seed)
+    r0 = [json.loads((out / f"seed-{k}" / "results.json").read_text())["rows"][0]["fid"] for k in (0, 1)]
+    assert r0[0] != r0[1]
+    gain = summary["arms"]["loop"]["gain"]
+    assert gain["low"] <= gain["mean"] <= gain["high"]
+    assert "mean gain [95% CI over seeds]" in p.stdout and "over 2 seeds" in p.stdout
+
+
+def test_t_interval_by_hand():
+    # values 0.1 and 0.3: mean 0.2, sd 0.1414, t(0.975, 1 df) = 12.706 -> half-width 12.706 * 0.1414 / sqrt(2) = 1.2706
+    mean, low, high = loop_study.t_interval([0.1, 0.3])
+    assert mean == pytest.approx(0.2) and low == pytest.approx(0.2 - 1.2706, abs=1e-4)
+    assert high == pytest.approx(0.2 + 1.2706, abs=1e-4)
+    assert loop_study.t_interval([0.25]) == (0.25, None, None)
 
 
 def test_the_study_refuses_a_folder_that_is_not_empty(tmp_path):
