@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -42,45 +42,13 @@ from store.models import (
     as_utc,
 )
 from store.queue import CONTROL_SPLITS
+from store.turing_config import CampaignConfig
 from store.workspace import Workspace
 
 ANSWERS = ("real", "synthetic")
 CONFIDENCE = {1: "guess", 2: "fairly sure", 3: "certain"}
 MAX_REQUEST_ID = 200
 _LATER = aliased(TuringAnswer, name="later")
-
-
-@dataclass
-class CampaignConfig:
-    """What `pathloop turing create` builds: which tiles, how many, how mixed."""
-
-    name: str = field(default="", metadata={"help": "campaign name (unique)"})
-    model: str = field(default="", metadata={"metavar": "ID[,ID]",
-                                             "help": "generator version ids whose samples are the synthetic items"})
-    per_class: int = field(default=10, metadata={"metavar": "K",
-                                                 "help": "synthetic items per class and generator version"})
-    real_share: float = field(default=0.5, metadata={"metavar": "S",
-                                                     "help": "share of real val/test tiles among all items, in (0, 1)"})
-    seed: int = field(default=0, metadata={"help": "seed of the draw and of the item positions"})
-    round: int | None = field(default=None, metadata={"metavar": "R", "help": "round number the campaign belongs to"})
-
-    def __post_init__(self) -> None:
-        if not self.name.strip():
-            raise PathloopError("--name: expected a campaign name")
-        if self.per_class < 1:
-            raise PathloopError(f"per_class = {self.per_class}; expected at least 1")
-        if not 0 < self.real_share < 1:
-            raise PathloopError(f"real_share = {self.real_share}; expected a share between 0 and 1 (exclusive)")
-        self.generator_ids()
-
-    def generator_ids(self) -> list[int]:
-        try:
-            ids = [int(x) for x in self.model.split(",") if x.strip()]
-        except ValueError:
-            raise PathloopError(f"--model {self.model!r}; expected generator version ids such as 1 or 1,2") from None
-        if not ids:
-            raise PathloopError("--model: expected at least one generator version id")
-        return sorted(set(ids))
 
 
 @dataclass(frozen=True)
@@ -214,11 +182,14 @@ def next_tile(ws: Workspace, engine: Engine, annotator_id: int, campaign_id: int
     return TuringTile(campaign_id, todo, shown, ws.images.png_path(locate(ws.root, *loc)), len(answered), len(ids))
 
 
+def item_count(s: Session, campaign_id: int) -> int:
+    return s.exec(select(func.count()).select_from(TuringItem).where(TuringItem.campaign_id == campaign_id)).one()
+
+
 def progress(engine: Engine, annotator_id: int, campaign_id: int) -> tuple[int, int]:
     """(items this rater has answered, items in the campaign)."""
     with Session(engine) as s:
-        total = s.exec(select(func.count()).select_from(TuringItem).where(TuringItem.campaign_id == campaign_id)).one()
-        return len(_answered(s, campaign_id, annotator_id)), total
+        return len(_answered(s, campaign_id, annotator_id)), item_count(s, campaign_id)
 
 
 def _check_request_id(request_id) -> str:
