@@ -42,21 +42,22 @@ def store_pending(key: str, user, send: Callable[[dict], object]) -> bool:
     return True
 
 
-def next_action(note: str) -> None:
+def next_action(note: str, view_key: str = "view") -> None:
     """After a saved action: fresh ids for whatever comes next and a note for the toast."""
-    st.session_state.pop("view", None)
+    st.session_state.pop(view_key, None)
     st.session_state["actions"] = st.session_state.get("actions", 0) + 1
     st.session_state["saved_note"] = note
 
 
 @st.fragment(run_every=RETRY_SECONDS)
-def pending_banner(key: str, user, send: Callable[[dict], object], what: str = "rating") -> None:
+def pending_banner(key: str, user, send: Callable[[dict], object], what: str = "rating",
+                   view_key: str = "view") -> None:
     """While an action is unsaved: retry it (on each run and every few seconds) and say so."""
     p = st.session_state.get(key)
     if p is None:
         return
     if store_pending(key, user, send):
-        next_action(f"Saved after a retry: {p['word']}.")
+        next_action(f"Saved after a retry: {p['word']}.", view_key)
         st.rerun(scope="app")
     st.error(
         f"**Not saved — retrying.** Your {what} ({p['word']}) was NOT saved yet: "
