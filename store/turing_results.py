@@ -12,7 +12,6 @@ Accuracy 0.5 and kappa near 0 are what a perfect generator earns.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,8 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 
 from store.agreement import fleiss_kappa, wilson_interval
-from store.errors import PathloopError
-from store.export import FORMATS, _write_atomically, check_out_folder
+from store.export import write_table
 from store.models import Annotator, Image, Sample, Tile, TuringAnswer, TuringCampaign, TuringItem
 from store.turing import CONFIDENCE, is_current
 
@@ -79,26 +77,8 @@ def answers_frame(engine: Engine, campaign_id: int | None = None) -> pd.DataFram
 
 def export_turing(engine: Engine, out_path: str | os.PathLike, fmt: str, campaign_id: int | None = None) -> int:
     """Write every Turing test answer to ``out_path`` (csv, parquet or jsonl); returns the row count."""
-    if fmt not in FORMATS:
-        raise PathloopError(f"export format {fmt!r}; expected one of: {', '.join(FORMATS)}")
-    out = Path(out_path)
-    check_out_folder(out)
-    if out.is_dir():
-        raise PathloopError(f"cannot write {out}: it is a folder; give a file name such as {out / f'turing.{fmt}'}")
-    df = answers_frame(engine, campaign_id)
-    if df.empty:
-        raise PathloopError("no Turing test answers to export yet")
-
-    def write(tmp: Path) -> None:
-        if fmt == "csv":
-            df.to_csv(tmp, index=False, encoding="utf-8")
-        elif fmt == "parquet":
-            df.to_parquet(tmp, index=False)
-        else:
-            df.to_json(tmp, orient="records", lines=True, date_format="iso", date_unit="us", force_ascii=False)
-
-    _write_atomically(out, write)
-    return len(df)
+    return write_table(lambda: answers_frame(engine, campaign_id), out_path, fmt, "turing",
+                       "no Turing test answers to export yet")
 
 
 # -- statistics: pure functions on current answers --------------------------------------------

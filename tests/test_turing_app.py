@@ -87,9 +87,10 @@ def test_dashboard_shows_the_campaign_and_switches_it(turing_ws):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Accuracy"] == "50%" and metrics["Sensitivity"] == "50%" and metrics["Specificity"] == "50%"
     assert metrics["Fleiss' kappa (real vs synthetic)"] == "-1.000"
-    table = next(d.value for d in at.dataframe if "sensitivity_low" in d.columns)
+    table = next(d.value for d in at.dataframe if "sensitivity 95% CI" in d.value.columns)
     alice = table[(table["generator"] == "all") & (table["rater"] == "alice")].iloc[0]
     assert alice["sensitivity"] == 1 and alice["specificity"] == 0
+    assert alice["sensitivity 95% CI"] == "34%–100%"  # Wilson, 2 of 2
     assert set(table["generator"]) == {"all", "v1"}
     button(at, "Stop showing to raters").click().run()
     assert turing.active_campaigns(engine) == []

@@ -144,12 +144,23 @@ def turing_section(engine) -> None:
                          if fleiss["low"] is not None else ""))
         c[3].metric("Fleiss' kappa (real vs synthetic)", fmt(fleiss["kappa"]), help=kappa_help)
         st.caption(f"Fleiss' kappa: {kappa_help}.")
-        table = turing_results.results_table(res)
         if pooled["answers"]:
-            st.dataframe(table, hide_index=True, column_config={
-                c: PERCENT for c in table.columns if c.startswith(("sensitivity", "specificity", "accuracy"))})
+            table = with_intervals(turing_results.results_table(res))
+            st.dataframe(table, hide_index=True, column_config={c: PERCENT for c in TURING_RATES})
         else:
             st.caption("No answers yet.")
+
+
+TURING_RATES = ("sensitivity", "specificity", "accuracy")
+
+
+def with_intervals(table: pd.DataFrame) -> pd.DataFrame:
+    """Each rate followed by its 95% interval as one short text column ("4%–62%")."""
+    out = table[["generator", "rater", "answers"]].copy()
+    for name in TURING_RATES:
+        out[name] = table[name]
+        out[f"{name} 95% CI"] = [f"{lo:.0%}–{hi:.0%}" for lo, hi in zip(table[f"{name}_low"], table[f"{name}_high"])]
+    return out
 
 
 def pct(r: dict) -> str:
