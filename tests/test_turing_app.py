@@ -94,3 +94,19 @@ def test_dashboard_shows_the_campaign_and_switches_it(turing_ws):
     assert set(table["generator"]) == {"all", "v1"}
     button(at, "Stop showing to raters").click().run()
     assert turing.active_campaigns(engine) == []
+
+
+def test_export_page_offers_the_answers(turing_ws):
+    ws, engine, cid, _ = turing_ws
+    at = sign_in(start(), "boss")
+    at.switch_page("views/export.py").run()
+    assert_no_errors(at)
+    assert "No Turing test answers yet." in texts(at) and not at.download_button
+    turing.set_active(engine, cid, True)
+    uid = annotator_id(engine, "alice")
+    tile = turing.next_tile(ws, engine, uid, cid)
+    turing.record_answer(engine, uid, item_id=tile.item_id, answer="real", confidence=1, request_id="x")
+    at.run()
+    assert_no_errors(at)
+    (button,) = at.download_button  # no judgments yet: only the answers' button
+    assert button.label == "Download CSV" and "1 answers." in texts(at)
