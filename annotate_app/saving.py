@@ -49,6 +49,21 @@ def next_action(note: str, view_key: str = "view") -> None:
     st.session_state["saved_note"] = note
 
 
+def undo(call: Callable[[], object], what: str = "rating", view_key: str = "view") -> None:
+    """Run the store's undo (``call() -> the undone row or None``), say what happened, and on
+    success go on with fresh ids (the undone item is what the store shows next)."""
+    try:
+        undone = call()
+    except context.DB_ERRORS as e:
+        st.error(f"Undo did NOT happen: {context.one_line(e)}. Try again.")
+        return
+    if undone is None:
+        st.info("Nothing to undo.")
+        return
+    next_action(f"Your last {what} was undone.", view_key)
+    st.rerun()
+
+
 @st.fragment(run_every=RETRY_SECONDS)
 def pending_banner(key: str, user, send: Callable[[dict], object], what: str = "rating",
                    view_key: str = "view") -> None:

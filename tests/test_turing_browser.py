@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rating_workspace import PASSWORDS, build_workspace
+from rating_workspace import build_workspace
 from sqlmodel import Session, select
 from test_browser import (  # noqa: F401 (chromium: the fixture)
     WAIT_MS,
@@ -23,10 +23,11 @@ from test_browser import (  # noqa: F401 (chromium: the fixture)
     new_page,
     press_until_done,
     serving,
+    sign_in,
 )
 
-from store import turing
-from store.models import GeneratorVersion, Image, Sample, TuringAnswer
+from store import accounts, turing
+from store.models import GeneratorVersion, Image, Sample, TuringAnswer, TuringItem
 from store.turing import CampaignConfig
 
 SCREENSHOTS_ENV = "PATHLOOP_TURING_SCREENSHOTS"
@@ -83,10 +84,7 @@ def test_real_or_synthetic_by_keys_alone(chromium, turing_served):  # noqa: F811
             def press_until(key: str, n: int, what: str) -> None:
                 press_until_done(page, heading, key, lambda: len(answers(engine)) >= n, what, idle)
 
-            page.goto(f"{url}/turing")
-            page.get_by_label("Username").fill("alice")
-            page.get_by_label("Password", exact=True).fill(PASSWORDS["alice"])
-            page.keyboard.press("Enter")
+            sign_in(page, f"{url}/turing", "alice")
             expect(heading).to_be_visible(timeout=WAIT_MS)
             idle()
             expect(page.get_by_text("0 of 8 answered")).to_be_visible()
@@ -107,19 +105,14 @@ def test_real_or_synthetic_by_keys_alone(chromium, turing_served):  # noqa: F811
             page.screenshot(path=str(shots / "turing-test.png"))
 
             # Carol answers everything (through the store); the admin reads the figures.
-            carol = next(a for a in _annotators(engine) if a[1] == "carol")[0]
+            carol = user_id(engine, "carol")
             while (tile := turing.next_tile(ws, engine, carol, cid)) is not None:
                 with Session(engine) as s:
-                    from store.models import TuringItem
-
                     item = s.get(TuringItem, tile.item_id)
                 turing.record_answer(engine, carol, item_id=tile.item_id, confidence=2, request_id=f"c{tile.item_id}",
                                      answer="synthetic" if item.sample_id and item.position % 2 else "real")
             admin, _ = new_page(browser, 1100)
-            admin.goto(f"{url}/dashboard")
-            admin.get_by_label("Username").fill("boss")
-            admin.get_by_label("Password", exact=True).fill(PASSWORDS["boss"])
-            admin.keyboard.press("Enter")
+            sign_in(admin, f"{url}/dashboard", "boss")
             section = admin.get_by_role("heading", name="Visual Turing test")
             expect(section).to_be_visible(timeout=WAIT_MS)
             expect(admin.get_by_text(re.compile(r"^Fleiss' kappa: 3 items answered by all 2 raters"))).to_be_visible()
@@ -130,14 +123,12 @@ def test_real_or_synthetic_by_keys_alone(chromium, turing_served):  # noqa: F811
             browser.close()
 
     rows = answers(engine)
-    alice = [r for r in rows if r.request_id[0] != "c"]
+    alice = [r for r in rows if r.annotator_id == user_id(engine, "alice")]
     assert [(r.answer, r.confidence) for r in alice] == [
         ("synthetic", 2), ("real", 2), ("retracted", None), ("real", 3), ("synthetic", 1)]
     assert alice[2].supersedes_id == alice[1].id and alice[3].item_id == alice[1].item_id
     assert len({r.item_id for r in alice}) == 3 and all(r.seconds is not None for r in alice if r.confidence)
 
 
-def _annotators(engine):
-    from store import accounts
-
-    return [(u.id, u.username) for u in accounts.list_users(engine)]
+def user_id(engine, username: str) -> int:
+    return next(u.id for u in accounts.list_users(engine) if u.username == username)

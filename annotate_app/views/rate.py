@@ -82,15 +82,7 @@ def sender(ws, engine, user):
 
 
 def undo(ws, engine, user, view) -> None:
-    try:
-        undone = queue.undo_last(ws, engine, user.id, request_id=view["undo_request_id"])
-    except context.DB_ERRORS as e:
-        st.error(f"Undo did NOT happen: {context.one_line(e)}. Try again.")
-        return
-    if undone is None:
-        st.info("Nothing to undo.")
-        return
-    done("Your last rating was undone.")
+    saving.undo(lambda: queue.undo_last(ws, engine, user.id, request_id=view["undo_request_id"]))
 
 
 def show_progress(ws, engine, user) -> None:

@@ -70,16 +70,8 @@ def save(engine, user, tile, view, answer: str, confidence: int) -> None:
 
 
 def undo(engine, user, campaign_id: int, view) -> None:
-    try:
-        undone = turing.undo_last(engine, user.id, campaign_id, request_id=view["undo_request_id"])
-    except context.DB_ERRORS as e:
-        st.error(f"Undo did NOT happen: {context.one_line(e)}. Try again.")
-        return
-    if undone is None:
-        st.info("Nothing to undo.")
-        return
-    saving.next_action("Your last answer was undone.", VIEW)
-    st.rerun()
+    saving.undo(lambda: turing.undo_last(engine, user.id, campaign_id, request_id=view["undo_request_id"]),
+                "answer", VIEW)
 
 
 def choose_campaign(engine):
