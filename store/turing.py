@@ -98,6 +98,7 @@ def create_campaign(ws: Workspace, engine: Engine, cfg: CampaignConfig, *, creat
                 raise PathloopError(f"{len(pool)} real val/test tiles of class {c!r}; real share {cfg.real_share:g} "
                                     f"needs {n_real} (train tiles are never used)")
             items += [{"tile_id": i, "class_name": c} for i in _draw(pool, n_real, rng)]
+        _check_one_size(s, items)
         order = rng.permutation(len(items))
         campaign = TuringCampaign(name=cfg.name, generator_ids=versions, per_class=cfg.per_class,
                                   real_share=cfg.real_share, seed=cfg.seed, round_number=cfg.round,
@@ -107,6 +108,21 @@ def create_campaign(ws: Workspace, engine: Engine, cfg: CampaignConfig, *, creat
         s.add_all(TuringItem(campaign_id=campaign.id, position=int(p), **items[i]) for p, i in enumerate(order))
         s.commit()
         return campaign.id
+
+
+def _check_one_size(s: Session, items: list[dict]) -> None:
+    """Refuse a mix whose real and synthetic tiles differ in size: the size alone would give them away."""
+    sizes = {}
+    for source, model, key in (("synthetic", Sample, "sample_id"), ("real", Tile, "tile_id")):
+        ids = [i[key] for i in items if key in i]
+        sizes[source] = set(s.exec(select(Image.width, Image.height).join(model, model.image_id == Image.id)
+                                   .where(model.id.in_(ids)).distinct()).all())
+    if len(sizes["synthetic"] | sizes["real"]) > 1:
+        def show(found):
+            return ", ".join(f"{w}x{h}" for w, h in sorted(found))
+
+        raise PathloopError(f"synthetic tiles are {show(sizes['synthetic'])} px, real ones {show(sizes['real'])}; "
+                            "a blind test needs one size (generate at the workspace's tile size)")
 
 
 def campaigns(engine: Engine) -> list[TuringCampaign]:

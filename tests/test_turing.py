@@ -6,15 +6,20 @@ import uuid
 
 import numpy as np
 import pytest
+from alembic import command
+from sqlalchemy import inspect, update
 from sqlmodel import Session, select
 
 from store import turing
 from store.agreement import fleiss_kappa
+from store.db import _alembic_config, make_engine, upgrade
 from store.errors import PathloopError
-from store.models import Judgment, TuringAnswer, TuringCampaign, TuringItem
+from store.models import Image, Judgment, TuringAnswer, TuringCampaign, TuringItem
 from store.turing import CampaignConfig
 from store.turing_results import answers_frame, fleiss_kappa_many, kappa_with_interval, results
 from tests.store_rows import add_annotators, add_samples, add_tiles
+
+from conftest import BACKENDS, database_url
 
 
 def _campaign(workspace, engine, name="t1", per_class=1, real_share=0.5, model=None, **kw) -> int:
@@ -82,6 +87,28 @@ def test_campaign_bad_input_writes_nothing(workspace, engine, change, message):
         _campaign(workspace, engine, **kw)
     with Session(engine) as s:
         assert s.exec(select(TuringCampaign)).all() == [] and s.exec(select(TuringItem)).all() == []
+
+
+def test_campaign_refuses_tiles_of_another_size(workspace, engine):
+    add_tiles(engine, 4, split="test")
+    gid = _generator_of(engine, add_samples(engine, 4)[0])
+    with Session(engine) as s:
+        s.exec(update(Image).where(Image.path.like("images/s%")).values(width=64, height=64))
+        s.commit()
+    with pytest.raises(PathloopError, match="synthetic tiles are 64x64 px, real ones 32x32"):
+        _campaign(workspace, engine, model=str(gid))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_migration_0005_upgrades_and_downgrades(backend, request, tmp_path):
+    engine = make_engine(database_url(backend, request, tmp_path, migrated=False))
+    upgrade(engine, "0004")
+    upgrade(engine)
+    assert {"turing_campaign", "turing_item", "turing_answer"} <= set(inspect(engine).get_table_names())
+    with engine.begin() as conn:
+        command.downgrade(_alembic_config(conn), "0004")
+    assert not {"turing_campaign", "turing_item", "turing_answer"} & set(inspect(engine).get_table_names())
+    engine.dispose()
 
 
 def test_config_refuses_bad_values():
