@@ -4,7 +4,8 @@ Run it with ``pathloop annotate`` (or ``streamlit run annotate_app/app.py`` with
 ``$PATHLOOP_WORKSPACE`` set). Pages are registered per role with ``st.navigation``: an
 annotator's session has no admin pages at all, so an admin URL opened by hand lands on
 Rate (or Streamlit's "page not found"); each admin page also re-checks the role in the
-database before it shows anything. The account is re-read on every run, so disabling
+database before it shows anything. "Real or synthetic?" (the visual Turing test) is listed
+only while a campaign is active. The account is re-read on every run, so disabling
 someone or changing a role applies at their next click. Single sign-on: see
 ``annotate_app/auth.py``.
 """

@@ -11,9 +11,9 @@ from store.errors import PathloopError
 class CampaignConfig:
     """What `pathloop turing create` builds: which tiles, how many, how mixed."""
 
-    name: str = field(default="", metadata={"help": "campaign name (unique)"})
+    name: str = field(default="", metadata={"help": "create: the campaign's name, unique (required)"})
     model: str = field(default="", metadata={"metavar": "ID[,ID]",
-                                             "help": "generator version ids whose samples are the synthetic items"})
+                                             "help": "create: generator version ids whose samples are the synthetic items (required)"})
     per_class: int = field(default=10, metadata={"metavar": "K",
                                                  "help": "synthetic items per class and generator version"})
     real_share: float = field(default=0.5, metadata={"metavar": "S",

@@ -5,7 +5,8 @@ S unsure/skip, U undo the last rating; in the checklist each criterion has a key
 then letters; shown beside it) that ticks or unticks it, Ctrl+Enter (⌘+Enter) submits and
 Esc cancels. Letter keys are ignored while the cursor is in the comment box.
 
-A rating is kept in ``st.session_state["pending"]`` until the store has it: one that could
+A rating is kept in ``st.session_state["pending"]`` until the store has it (annotate_app/saving.py,
+shared with the Real-or-synthetic page): one that could
 not be saved (database locked or gone) stays there, a red banner says so, and it is sent
 again on every run and every few seconds until it lands; its request id makes a repeat
 that did reach the database a no-op. The time of the last saved rating is always shown.
