@@ -234,10 +234,13 @@ def _utc(a: TuringAnswer) -> TuringAnswer:
 
 def record_answer(engine: Engine, annotator_id: int, *, item_id: int, answer: str, confidence: int,
                   seconds: float | None = None, request_id: str, now: datetime | None = None) -> TuringAnswer:
-    """Store one answer (real | synthetic, confidence 1-3) on an item of an active campaign.
+    """Store one answer (real | synthetic, confidence 1-3) on a campaign's item.
 
     The same ``request_id`` again returns the stored row and writes nothing; an answer on an
-    item already answered supersedes the rater's newest row on it.
+    item already answered supersedes the rater's newest row on it. A campaign deactivated
+    while a tile was on screen still takes its answer (as an expired lease still takes a
+    rating): the page stops offering tiles, an answer already given is not lost or retried
+    for ever.
     """
     if answer not in ANSWERS:
         raise PathloopError(f"answer {answer!r}; expected one of: {', '.join(ANSWERS)}")
@@ -253,12 +256,8 @@ def record_answer(engine: Engine, annotator_id: int, *, item_id: int, answer: st
                 if done.item_id != item_id:
                     raise PathloopError(f"request id {request_id!r} was already used for another item")
                 return _utc(done)
-            active = s.exec(select(TuringCampaign.active).join(TuringItem, TuringItem.campaign_id == TuringCampaign.id)
-                            .where(TuringItem.id == item_id)).first()
-            if active is None:
+            if not isinstance(item_id, int) or s.get(TuringItem, item_id) is None:
                 raise PathloopError(f"Turing test item {item_id!r} does not exist")
-            if not active:
-                raise PathloopError("this Turing test campaign is not active any more; answers are closed")
             head = _head(s, annotator_id, item_id)
             row = TuringAnswer(item_id=item_id, annotator_id=annotator_id, answer=answer, confidence=confidence,
                                seconds=None if seconds is None else float(seconds), request_id=request_id,

@@ -165,14 +165,15 @@ def test_double_submit_is_a_no_op_and_undo_brings_the_item_back(workspace, engin
     assert frame["current"].tolist() == [True, False, False, True]
 
 
-def test_answers_are_refused_when_bad_or_the_campaign_is_inactive(workspace, engine):
+def test_bad_answers_are_refused_and_a_late_one_is_kept(workspace, engine):
     add_tiles(engine, 4, split="test")
     cid = _campaign(workspace, engine)
     (who,) = add_annotators(engine, "ann")
     item = _items(engine, cid)[0].id
-    with pytest.raises(PathloopError, match="not active"):
-        _answer(engine, who, item, "real")
-    turing.set_active(engine, "t1", True)
+    with pytest.raises(PathloopError, match="Turing test item 999 does not exist"):
+        _answer(engine, who, 999, "real")
+    _answer(engine, who, item, "real")  # shown before the campaign was switched off: kept
+    assert turing.progress(engine, who, cid) == (1, 4)
     with pytest.raises(PathloopError, match="answer 'fake'"):
         _answer(engine, who, item, "fake")
     with pytest.raises(PathloopError, match="confidence 4"):

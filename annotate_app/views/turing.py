@@ -93,10 +93,9 @@ def choose_campaign(engine):
 def main() -> None:
     ws, engine, user = context.require_user()
     st.title("Real or synthetic?")
+    if PENDING in st.session_state:  # before the campaign check: one switched off still takes it
+        saving.pending_banner(PENDING, user, sender(engine, user), what="answer", view_key=VIEW)
     campaign = choose_campaign(engine)
-    send = sender(engine, user)
-    if PENDING in st.session_state:
-        saving.pending_banner(PENDING, user, send, what="answer", view_key=VIEW)
     note = st.session_state.pop("saved_note", None)
     if note:
         st.toast(note, icon=":material/check_circle:")
