@@ -110,3 +110,36 @@ def test_export_page_offers_the_answers(turing_ws):
     assert_no_errors(at)
     (button,) = at.download_button  # no judgments yet: only the answers' button
     assert button.label == "Download CSV" and "1 answers." in texts(at)
+
+
+def test_unsaved_answer_is_retried_and_lands_once(turing_ws, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    ws, engine, cid, _ = turing_ws
+    turing.set_active(engine, cid, True)
+    at = sign_in(start(), "alice")
+    at.switch_page("views/turing.py").run()
+    real = turing.record_answer
+    calls = {"n": 0, "fail": True}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["fail"]:
+            raise OperationalError("INSERT ...", {}, Exception("database is locked"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(turing, "record_answer", flaky)
+    button(at, "Real — fairly sure").click().run()
+    (banner,) = [e.value for e in at.error]
+    assert "Not saved — retrying" in banner and "real (fairly sure)" in banner and "database is locked" in banner
+    assert not answers(engine) and "0 of 4 answered" in texts(at)
+    at.run()
+    assert calls["n"] >= 2 and not answers(engine)
+    calls["fail"] = False
+    at.run()
+    assert_no_errors(at)
+    (a,) = answers(engine)
+    assert (a.answer, a.confidence) == ("real", 2) and "1 of 4 answered" in texts(at)
+    assert any(f"Saved {a.created_at:%H:%M:%S} UTC" in m.value for m in at.markdown)
+    at.run()
+    assert len(answers(engine)) == 1
