@@ -9,7 +9,7 @@ from store import turing
 from store.models import Judgment, TuringAnswer
 from store.turing import CampaignConfig
 from tests.rating_workspace import add_controls, build_workspace
-from tests.test_app import annotator_id, assert_no_errors, button, sign_in, start, texts
+from tests.test_app import annotator_id, assert_no_errors, button, locked_until_told, sign_in, start, texts
 
 CHOICE_KEYS = {"Synthetic — certain": "1", "Synthetic — fairly sure": "2", "Synthetic — a guess": "3",
                "Real — a guess": "8", "Real — fairly sure": "9", "Real — certain": "0"}
@@ -113,21 +113,11 @@ def test_export_page_offers_the_answers(turing_ws):
 
 
 def test_unsaved_answer_is_retried_and_lands_once(turing_ws, monkeypatch):
-    from sqlalchemy.exc import OperationalError
-
     ws, engine, cid, _ = turing_ws
     turing.set_active(engine, cid, True)
     at = sign_in(start(), "alice")
     at.switch_page("views/turing.py").run()
-    real = turing.record_answer
-    calls = {"n": 0, "fail": True}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["fail"]:
-            raise OperationalError("INSERT ...", {}, Exception("database is locked"))
-        return real(*args, **kwargs)
-
+    flaky, calls = locked_until_told(turing.record_answer)
     monkeypatch.setattr(turing, "record_answer", flaky)
     button(at, "Real — fairly sure").click().run()
     (banner,) = [e.value for e in at.error]
