@@ -4,7 +4,8 @@ Run it with ``pathloop annotate`` (or ``streamlit run annotate_app/app.py`` with
 ``$PATHLOOP_WORKSPACE`` set). Pages are registered per role with ``st.navigation``: an
 annotator's session has no admin pages at all, so an admin URL opened by hand lands on
 Rate (or Streamlit's "page not found"); each admin page also re-checks the role in the
-database before it shows anything. The account is re-read on every run, so disabling
+database before it shows anything. "Real or synthetic?" (the visual Turing test) is listed
+only while a campaign is active. The account is re-read on every run, so disabling
 someone or changing a role applies at their next click. Single sign-on: see
 ``annotate_app/auth.py``.
 """
@@ -17,12 +18,21 @@ import streamlit as st
 from PIL import Image as PILImage
 
 from annotate_app import auth, context
+from store import turing
 
-URL_PATHS = ("rate", "my-progress", "dashboard", "accounts", "export")
+URL_PATHS = ("rate", "turing", "my-progress", "dashboard", "accounts", "export")
 VIEWS = Path(__file__).with_name("views")  # not "pages": Streamlit would also serve that folder as v1 pages
 
 # A local favicon: otherwise the page's Material icon is fetched from Google as the favicon.
 st.set_page_config(page_title="pathloop", page_icon=PILImage.new("RGB", (32, 32), (142, 68, 173)), layout="wide")
+
+def turing_running(engine) -> bool:
+    """A visual Turing test campaign is active (its page is listed only then)."""
+    try:
+        return bool(turing.active_campaigns(engine))
+    except context.DB_ERRORS:
+        return False
+
 
 ws = context.workspace()
 engine = context.engine(ws)
@@ -45,6 +55,9 @@ else:
             st.Page(VIEWS / "my_progress.py", title="My progress", icon=":material/trending_up:", url_path="my-progress"),
         ],
     }
+    if turing_running(engine):
+        pages["Rating"].insert(1, st.Page(VIEWS / "turing.py", title="Real or synthetic?", icon=":material/help:",
+                                          url_path="turing"))
     if user.is_admin:
         pages["Admin"] = [
             st.Page(VIEWS / "dashboard.py", title="Dashboard", icon=":material/monitoring:", url_path="dashboard"),

@@ -495,7 +495,21 @@ def cmd_export(args) -> int:
     if given:
         raise PathloopError(f"{', '.join(given)} apply to `export pairs` and `export binary`, "
                             f"not `export {args.what}`")
+    if args.campaign and args.what != "turing":
+        raise PathloopError(f"--campaign applies to `export turing`, not `export {args.what}`")
     ws, engine = _open(args)
+    if args.what == "turing":
+        from store.turing import find_campaign
+        from store.turing_results import export_turing
+
+        if args.model or args.exclude_copies:
+            raise PathloopError("--model and --exclude-copies apply to `export samples`, not `export turing`")
+        fmt = args.format or "csv"
+        campaign = find_campaign(engine, args.campaign).id if args.campaign else None
+        out = Path(args.out) if args.out else _exports_dir(ws) / f"turing.{fmt}"
+        n = export_turing(engine, out, fmt, campaign)
+        print(f"wrote {n} Turing test answers to {out}")
+        return 0
     if args.what == "samples":
         if args.format not in (None, "csv"):
             raise PathloopError(f"--format {args.format}: samples are exported as PNG files with a CSV manifest")
@@ -515,6 +529,51 @@ def cmd_export(args) -> int:
     out = Path(args.out) if args.out else _exports_dir(ws) / f"judgments.{fmt}"
     n = export_judgments(engine, out, fmt)
     print(f"wrote {n} judgments to {out}")
+    return 0
+
+
+def cmd_turing(args) -> int:
+    from store import turing
+    from store.turing_results import results, results_table
+
+    ws, engine = _open(args)
+    if args.turing_command == "create":
+        cfg = turing.CampaignConfig(**_dataclass_args(args, turing.CampaignConfig))
+        cid = turing.create_campaign(ws, engine, cfg, created_by=os.environ.get("USER"))
+        items = turing.progress(engine, None, cid)[1]
+        print(f"created Turing test campaign {cfg.name!r} (id {cid}): {items} items, inactive; "
+              f"show it to raters with `pathloop turing activate {cfg.name}`")
+        return 0
+    if args.turing_command == "list":
+        rows = [{"id": c.id, "name": c.name, "active": c.active, "generator_ids": c.generator_ids,
+                 "per_class": c.per_class, "real_share": c.real_share, "seed": c.seed, "round": c.round_number,
+                 "created_by": c.created_by, "created_at": c.created_at.isoformat()} for c in turing.campaigns(engine)]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        elif not rows:
+            print("no Turing test campaigns yet; `pathloop turing create --name N --model ID`")
+        for r in [] if args.json else rows:
+            print(f"{r['id']:>4}  {r['name']}  {'ACTIVE' if r['active'] else 'inactive'}  versions "
+                  f"{','.join(map(str, r['generator_ids']))}  {r['per_class']} per class  real share "
+                  f"{r['real_share']:g}  seed {r['seed']}" + (f"  round {r['round']}" if r["round"] is not None else ""))
+        return 0
+    if not args.campaign:
+        raise PathloopError(f"turing {args.turing_command} needs a CAMPAIGN (name or id)")
+    if args.turing_command in ("activate", "deactivate"):
+        c = turing.set_active(engine, args.campaign, args.turing_command == "activate")
+        print(f"campaign {c.name!r} is now {'active: raters see it' if c.active else 'inactive'}")
+        return 0
+    res = results(engine, turing.find_campaign(engine, args.campaign))
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", None, "display.float_format", "{:.3f}".format):
+        print(results_table(res).to_string(index=False))
+    f = res["fleiss"]
+    print(f"Fleiss' kappa {_fmt(f['kappa'])} (95% CI {_fmt(f['low'])} to {_fmt(f['high'])}, bootstrap) over "
+          f"{f['n_items']} items answered by all {f['raters']} raters; {res['items']} items in the campaign")
     return 0
 
 
@@ -812,8 +871,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "order within a pair randomised (--seed), at most --max-pairs drawn at random. "
                                    "binary: Parquet, one row per rated sample for Diffusion-KTO-style training "
                                    "(image = JPEG or PNG bytes, caption = class name, label = 1 plausible / "
-                                   "0 implausible by majority; ties left out).")
-    p.add_argument("what", choices=["judgments", "samples", "pairs", "binary"])
+                                   "0 implausible by majority; ties left out). turing: every visual Turing test "
+                                   "answer (undos included, `current` marks the rest) with campaign, item source "
+                                   "(real/synthetic), generator version, class, rater, answer, confidence, seconds "
+                                   "and time.")
+    p.add_argument("what", choices=["judgments", "samples", "pairs", "binary", "turing"])
     p.add_argument("--format", choices=["csv", "parquet", "jsonl"], default=None,
                    help="judgments: csv (default), parquet or jsonl; samples: csv; pairs/binary: parquet only")
     p.add_argument("--out", metavar="PATH", help="output file or, for samples, a new folder (default: "
@@ -833,9 +895,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "combinations (default 10000; 0 = all)")
     p.add_argument("--seed", type=int, default=None,
                    help="pairs: seed of the pair draw and of which image comes first (default 0)")
+    p.add_argument("--campaign", metavar="NAME", help="turing: only this campaign's answers (name or id)")
     p.add_argument("--image-format", choices=["jpeg", "png"], default=None,
                    help="binary: image bytes as JPEG quality 95 (default; lossy, as Pick-a-Pic) or PNG (lossless)")
     p.set_defaults(func=cmd_export)
+
+    from store.turing_config import CampaignConfig
+
+    p = sub.add_parser("turing", help="visual Turing test: create, list, activate, deactivate, results",
+                       parents=[ws], description="Raters see real val/test tiles and synthetic samples mixed blind "
+                       "and answer real or synthetic (with confidence), on their own page, apart from plausibility "
+                       "ratings. create fixes a campaign's items (inactive until activated); results prints "
+                       "sensitivity (synthetic called synthetic), specificity (real called real) and accuracy with "
+                       "Wilson 95% intervals per rater, pooled and per generator version, and Fleiss' kappa.")
+    p.add_argument("turing_command", choices=["create", "list", "activate", "deactivate", "results"])
+    p.add_argument("campaign", nargs="?", help="campaign name or id (activate, deactivate, results)")
+    p.add_argument("--json", action="store_true", help="list/results as JSON")
+    _add_dataclass_options(p, CampaignConfig, {})
+    p.set_defaults(func=cmd_turing)
 
     p = sub.add_parser("generator", help="generator versions: list", parents=[ws],
                        description="List generator versions with their lineage.")

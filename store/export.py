@@ -77,15 +77,23 @@ def judgments_frame(engine: Engine) -> pd.DataFrame:
 
 def export_judgments(engine: Engine, out_path: str | os.PathLike, fmt: str) -> int:
     """Write every judgment to ``out_path`` as csv, parquet or jsonl; returns the row count."""
+    return write_table(lambda: judgments_frame(engine), out_path, fmt, "judgments",
+                       "no judgments to export yet; rate some tiles first")
+
+
+def write_table(frame, out_path: str | os.PathLike, fmt: str, name: str, empty: str) -> int:
+    """Write ``frame()`` (called once the path is checked) as csv, parquet or jsonl, atomically;
+    refuses with ``empty`` when it has no rows. Returns the row count."""
     if fmt not in FORMATS:
         raise PathloopError(f"export format {fmt!r}; expected one of: {', '.join(FORMATS)}")
     out = Path(out_path)
     check_out_folder(out)
     if out.is_dir():
-        raise PathloopError(f"cannot write {out}: it is a folder; give a file name such as {out / f'judgments.{fmt}'}")
-    df = judgments_frame(engine)
+        raise PathloopError(f"cannot write {out}: it is a folder; give a file name such as {out / f'{name}.{fmt}'}")
+    df = frame()
     if df.empty:
-        raise PathloopError("no judgments to export yet; rate some tiles first")
+        raise PathloopError(empty)
+
     def write(tmp: Path) -> None:
         if fmt == "csv":
             df.to_csv(tmp, index=False, encoding="utf-8")

@@ -319,3 +319,66 @@ class Evaluation(SQLModel, table=True):
     metrics: dict = Field(default_factory=dict, sa_type=JSON)
     plots: list = Field(default_factory=list, sa_type=JSON)
     created_at: datetime = _created()
+
+
+# -- Visual Turing test (store/turing.py): kept apart from plausibility judgments -------------
+
+TURING_ANSWERS = ("real", "synthetic", "retracted")
+
+
+class TuringCampaign(SQLModel, table=True):
+    """A fixed, blind mix of real and synthetic tiles that raters call real or synthetic."""
+
+    __tablename__ = "turing_campaign"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True)
+    generator_ids: list = Field(default_factory=list, sa_type=JSON)
+    per_class: int  # synthetic items per class and generator version
+    real_share: float  # share of real tiles among all items
+    seed: int = Field(sa_type=BigInteger)
+    active: bool = False
+    round_number: int | None = None
+    created_by: str | None = None
+    created_at: datetime = _created()
+
+
+class TuringItem(SQLModel, table=True):
+    """One tile of a campaign, fixed when the campaign is made: a sample or a real val/test tile."""
+
+    __tablename__ = "turing_item"
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "position", name="uq_turing_item_position"),
+        CheckConstraint("(sample_id IS NULL) <> (tile_id IS NULL)", name="one_item"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    campaign_id: int = Field(foreign_key="turing_campaign.id", index=True)
+    position: int
+    sample_id: int | None = Field(default=None, foreign_key="sample.id")
+    tile_id: int | None = Field(default=None, foreign_key="tile.id")
+    class_name: str
+
+
+class TuringAnswer(SQLModel, table=True):
+    """One append-only answer, real or synthetic, with confidence 1 (guess) to 3 (certain).
+
+    Like ``Judgment``: an edit or an undo adds a row that supersedes the rater's newest row on
+    the item (an undo's row says ``retracted``); a repeated ``request_id`` is a no-op.
+    """
+
+    __tablename__ = "turing_answer"
+    __table_args__ = (
+        UniqueConstraint("annotator_id", "request_id", name="uq_turing_answer_request"),
+        Index("ix_turing_answer_annotator_item", "annotator_id", "item_id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    item_id: int = Field(foreign_key="turing_item.id", index=True)
+    annotator_id: int = Field(foreign_key="annotator.id")
+    answer: str
+    confidence: int | None = None
+    seconds: float | None = None
+    request_id: str
+    supersedes_id: int | None = Field(default=None, foreign_key="turing_answer.id", unique=True)
+    created_at: datetime = _created()

@@ -462,13 +462,8 @@ def saved_line(at: AppTest) -> str:
     return next((m.value for m in at.markdown if "Saved " in m.value), "")
 
 
-def test_unsaved_rating_is_retried_and_lands_once(rating_ws, monkeypatch):
-    ws, engine = rating_ws
-    at = sign_in(start(), "alice")
-    assert any("Nothing saved yet" in c.value for c in at.caption)
-    uid = annotator_id(engine, "alice")
-    leased = queue.next_item(ws, engine, uid)
-    real = queue.record_judgment
+def locked_until_told(real):
+    """``real`` wrapped to fail with "database is locked" while ``calls["fail"]``: (wrapper, calls)."""
     calls = {"n": 0, "fail": True}
 
     def flaky(*args, **kwargs):
@@ -477,6 +472,16 @@ def test_unsaved_rating_is_retried_and_lands_once(rating_ws, monkeypatch):
             raise OperationalError("INSERT ...", {}, Exception("database is locked"))
         return real(*args, **kwargs)
 
+    return flaky, calls
+
+
+def test_unsaved_rating_is_retried_and_lands_once(rating_ws, monkeypatch):
+    ws, engine = rating_ws
+    at = sign_in(start(), "alice")
+    assert any("Nothing saved yet" in c.value for c in at.caption)
+    uid = annotator_id(engine, "alice")
+    leased = queue.next_item(ws, engine, uid)
+    flaky, calls = locked_until_told(queue.record_judgment)
     monkeypatch.setattr(queue, "record_judgment", flaky)
     button(at, "Implausible…").click().run()
     criterion_keys(at)["2"].click().run()

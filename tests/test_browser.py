@@ -7,6 +7,7 @@ it): then a missing browser fails the run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -73,6 +74,13 @@ def wait_for(condition, what: str) -> None:
 def served(tmp_path, chromium):
     """The app serving a fresh workspace on a free port: (url, workspace, engine)."""
     ws, engine = build_workspace(tmp_path / "ws", n_samples=4)
+    with serving(ws, engine, tmp_path) as url:
+        yield url, ws, engine
+
+
+@contextlib.contextmanager
+def serving(ws, engine, tmp_path: Path):
+    """The app serving ``ws`` on a free port until the block ends (then the engine is disposed)."""
     port = free_port()
     log = tmp_path / "streamlit.log"
     with log.open("w") as out:
@@ -81,7 +89,7 @@ def served(tmp_path, chromium):
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc, log)
-        yield url, ws, engine
+        yield url
     finally:
         proc.terminate()
         try:
@@ -159,31 +167,86 @@ def test_rate_three_tiles_with_keyboard_only(chromium, served):
 
 # -- every criterion by key, the saved state, undo, and the reference strip ------------------
 
+def launch(p, chromium: str):
+    """Headless Chromium with the flags this machine needs."""
+    return p.chromium.launch(executable_path=chromium, headless=True,
+                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+
+
+def new_page(browser, height: int):
+    """A page 1400 px wide and a function that waits until the app's script has finished."""
+    from playwright import sync_api
+
+    page = browser.new_page(viewport={"width": 1400, "height": height})
+    page.set_default_timeout(WAIT_MS)
+    app = page.locator('[data-testid="stApp"]')
+
+    def idle():
+        sync_api.expect(app).to_have_attribute("data-test-script-state", "notRunning", timeout=WAIT_MS)
+
+    return page, idle
+
+
+def sign_in(page, url: str, username: str) -> None:
+    """Open ``url`` (any page: the sign-in form shows first) and sign in as ``username``."""
+    page.goto(url)
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password", exact=True).fill(PASSWORDS[username])
+    page.keyboard.press("Enter")
+
+
+def press_until_done(page, focus, key: str, done, what: str, idle) -> None:
+    """Press ``key`` until ``done()``. A shortcut listener mounts a moment after the script ends on
+    two busy cores; a press in that gap is lost (see rate() above). Every action pressed this way
+    is idempotent (request ids) or checked before the next press."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"pressing {key} never gave {what}")
+        focus.click()  # keys reach the page only when no input has focus
+        page.keyboard.press(key)
+        for _ in range(30):
+            if done():
+                break
+            page.wait_for_timeout(100)
+        if not done():
+            idle()  # a slow run may still land this press: never press again on the next item
+    idle()
+
+
 SCREENSHOT_ENV = "PATHLOOP_SCREENSHOT"  # a path: also save the rating screen there (docs/rating-keyboard.png)
 
 
-def add_train_tiles(ws, engine, n: int, class_name: str, seed: int) -> None:
-    """Real-looking train tiles of one class: smooth pink/purple blobs, so the strip is legible."""
+def blob_rgb(rng, class_name: str, noise: float = 6.0):
+    """A 32-px tile of smooth nuclei-like blobs on pink, coloured by class; (32, 32, 3) uint8."""
+    import numpy as np
+
+    yy, xx = np.mgrid[0:32, 0:32]
+    rgb = np.full((32, 32, 3), (235, 205, 225), dtype=np.float64)
+    for _ in range(5):
+        cy, cx, r = rng.uniform(0, 32), rng.uniform(0, 32), rng.uniform(2.5, 5)
+        rgb[((yy - cy) ** 2 + (xx - cx) ** 2) < r * r] = (110, 60, 150) if class_name.endswith("negative") \
+            else (140, 90, 40)
+    rgb += rng.normal(0, noise, rgb.shape)
+    return rgb.clip(0, 255).astype(np.uint8)
+
+
+def add_train_tiles(ws, engine, n: int, class_name: str, seed: int, split: str = "train") -> None:
+    """Real-looking tiles of one class (train unless ``split`` says): smooth pink/purple blobs, so the
+    strip is legible."""
     import numpy as np
     from sqlmodel import Session
 
     from store.models import Image, Tile
 
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:32, 0:32]
     with Session(engine) as s:
         for _ in range(n):
-            rgb = np.full((32, 32, 3), (235, 205, 225), dtype=np.float64)
-            for _ in range(5):
-                cy, cx, r = rng.uniform(0, 32), rng.uniform(0, 32), rng.uniform(2.5, 5)
-                blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < r * r
-                rgb[blob] = (110, 60, 150) if class_name.endswith("negative") else (140, 90, 40)
-            rgb += rng.normal(0, 6, rgb.shape)
-            enc, rel, _ = ws.images.put_array(rgb.clip(0, 255).astype(np.uint8))
+            enc, rel, _ = ws.images.put_array(blob_rgb(rng, class_name))
             image = Image(sha256=enc.sha256, width=enc.width, height=enc.height, path=rel)
             s.add(image)
             s.flush()
-            s.add(Tile(image_id=image.id, class_name=class_name, split="train"))
+            s.add(Tile(image_id=image.id, class_name=class_name, split=split))
         s.commit()
 
 
@@ -193,23 +256,8 @@ def served_with_references(tmp_path, chromium):
     ws, engine = build_workspace(tmp_path / "ws", n_samples=5, reference_tiles=4)
     for i, c in enumerate(ws.settings.classes):
         add_train_tiles(ws, engine, 6, c, seed=20 + i)
-    port = free_port()
-    log = tmp_path / "streamlit.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(command(ws.root, "127.0.0.1", port), env=environment(ws.root),
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc, log)
+    with serving(ws, engine, tmp_path) as url:
         yield url, ws, engine, tmp_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        engine.dispose()
 
 
 def test_checklist_saved_state_and_undo_by_keys_alone(chromium, served_with_references):
@@ -219,25 +267,16 @@ def test_checklist_saved_state_and_undo_by_keys_alone(chromium, served_with_refe
 
     url, _ws, engine, tmp = served_with_references
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = launch(p, chromium)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1250})
-            page.set_default_timeout(WAIT_MS)
+            page, idle = new_page(browser, 1250)
             expect = sync_api.expect
-            app = page.locator('[data-testid="stApp"]')
             heading = page.get_by_text(re.compile(r"^generated as: "))
-
-            def idle():
-                expect(app).to_have_attribute("data-test-script-state", "notRunning", timeout=WAIT_MS)
 
             def saved_text():
                 return page.get_by_text(re.compile(r"Saved \d\d:\d\d:\d\d UTC"))
 
-            page.goto(url)
-            page.get_by_label("Username").fill("alice")
-            page.get_by_label("Password", exact=True).fill(PASSWORDS["alice"])
-            page.keyboard.press("Enter")
+            sign_in(page, url, "alice")
             expect(heading).to_be_visible(timeout=WAIT_MS)
             idle()
             expect(page.get_by_text("Nothing saved yet in this session.")).to_be_visible()
@@ -245,20 +284,7 @@ def test_checklist_saved_state_and_undo_by_keys_alone(chromium, served_with_refe
             expect(page.get_by_role("img", name=re.compile(r"^real dab_"))).to_have_count(4)
 
             def press_until(key: str, done, what: str) -> None:
-                # A shortcut listener mounts a moment after the script ends on two busy cores; a press
-                # in that gap is lost (see rate() above). Repeat until its effect shows; every action
-                # here is idempotent (request ids) or checked before the next press.
-                deadline = time.monotonic() + WAIT_MS / 1000
-                while not done():
-                    if time.monotonic() > deadline:
-                        pytest.fail(f"pressing {key} never gave {what}")
-                    heading.click()  # keys reach the page only when no input has focus
-                    page.keyboard.press(key)
-                    for _ in range(30):
-                        if done():
-                            break
-                        page.wait_for_timeout(100)
-                idle()
+                press_until_done(page, heading, key, done, what, idle)
 
             def count(n):
                 return lambda: len(judgments(engine)) == n

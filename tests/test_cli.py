@@ -15,7 +15,7 @@ from store.workspace import DEFAULT_CRITERIA, Settings, Workspace, load_settings
 
 COMMANDS = ["init", "db", "demo-slide", "ingest", "import-tiles", "status", "pretrain", "import-model", "generate",
             "finetune", "generator", "annotate", "users", "export", "train-reward", "score", "reward", "simulate-expert", "round",
-            "evaluate"]
+            "evaluate", "turing"]
 
 
 def run(exe, *args, env=None, ok=True):

@@ -1,4 +1,5 @@
-"""Dashboard (admins): progress, plausibility with Wilson intervals, reasons, agreement, raters.
+"""Dashboard (admins): progress, plausibility with Wilson intervals, reasons, agreement, raters,
+the visual Turing test.
 
 Every figure comes from ``store`` (``store.export``, ``store.agreement``); generator
 metrics come from ``Evaluation`` rows that ``pathloop evaluate`` wrote. The app computes
@@ -13,7 +14,7 @@ import streamlit as st
 from sqlmodel import Session, select
 
 from annotate_app import context
-from store import agreement, export
+from store import agreement, export, turing, turing_results
 from store.models import Evaluation
 
 PERCENT = st.column_config.NumberColumn(format="percent")
@@ -110,6 +111,66 @@ def annotators_section(summary: dict) -> None:
     st.bar_chart(people, x="annotator", y="count", horizontal=True)
 
 
+def turing_section(engine) -> None:
+    """Per Turing test campaign, newest first: pooled figures, a table per rater and generator
+    version with intervals, Fleiss' kappa, and the switch that shows it to raters."""
+    st.header("Visual Turing test")
+    st.caption("Raters call real and synthetic tiles, mixed blind, real or synthetic. Sensitivity: synthetic "
+               "called synthetic; specificity: real called real; Wilson 95% intervals. Accuracy near 50% and "
+               "kappa near 0 mean the samples pass for real. Kept apart from plausibility ratings.")
+    found = turing.campaigns(engine)
+    if not found:
+        st.caption("No campaigns yet: `pathloop turing create --name N --model ID`.")
+        return
+    for campaign in reversed(found):
+        res = turing_results.results(engine, campaign)
+        state = ":green-badge[active]" if campaign.active else ":gray-badge[inactive]"
+        st.subheader(f"{campaign.name} {state}")
+        versions = ", ".join(f"v{g}" for g in campaign.generator_ids)
+        st.caption(f"{res['items']} items · generator {versions} · {campaign.per_class} per class and version · "
+                   f"real share {campaign.real_share:.0%} · seed {campaign.seed}"
+                   + (f" · round {campaign.round_number}" if campaign.round_number is not None else ""))
+        label = "Stop showing to raters" if campaign.active else "Show to raters"
+        if st.button(label, key=f"turing-switch-{campaign.id}"):
+            turing.set_active(engine, campaign.id, not campaign.active)
+            st.rerun()
+        pooled, fleiss = res["pooled"], res["fleiss"]
+        c = st.columns(4)
+        c[0].metric("Sensitivity", pct(pooled["sensitivity"]), help=interval(pooled["sensitivity"]))
+        c[1].metric("Specificity", pct(pooled["specificity"]), help=interval(pooled["specificity"]))
+        c[2].metric("Accuracy", pct(pooled["accuracy"]), help=interval(pooled["accuracy"]))
+        kappa_help = (f"{fleiss['n_items']} items answered by all {fleiss['raters']} raters"
+                      + (f"; 95% CI {fleiss['low']:.3f} to {fleiss['high']:.3f} (bootstrap)"
+                         if fleiss["low"] is not None else ""))
+        c[3].metric("Fleiss' kappa (real vs synthetic)", fmt(fleiss["kappa"]), help=kappa_help)
+        st.caption(f"Fleiss' kappa: {kappa_help}.")
+        if pooled["answers"]:
+            table = with_intervals(turing_results.results_table(res))
+            st.dataframe(table, hide_index=True, column_config={c: PERCENT for c in TURING_RATES})
+        else:
+            st.caption("No answers yet.")
+
+
+TURING_RATES = ("sensitivity", "specificity", "accuracy")
+
+
+def with_intervals(table: pd.DataFrame) -> pd.DataFrame:
+    """Each rate followed by its 95% interval as one short text column ("4%–62%")."""
+    out = table[["generator", "rater", "answers"]].copy()
+    for name in TURING_RATES:
+        out[name] = table[name]
+        out[f"{name} 95% CI"] = [f"{lo:.0%}–{hi:.0%}" for lo, hi in zip(table[f"{name}_low"], table[f"{name}_high"])]
+    return out
+
+
+def pct(r: dict) -> str:
+    return "–" if r["rate"] is None else f"{r['rate']:.0%}"
+
+
+def interval(r: dict) -> str:
+    return f"{r['k']} of {r['n']}; 95% CI {r['low']:.0%} to {r['high']:.0%}"
+
+
 def fmt(x) -> str:
     return "–" if x is None else f"{x:.3f}"
 
@@ -133,6 +194,10 @@ plausibility_section(plaus)
 reasons_section(reasons)
 agreement_section(summary)
 annotators_section(summary)
+try:
+    turing_section(engine)
+except context.DB_ERRORS as e:
+    st.error(f"Turing test figures unavailable: {context.one_line(e)}")
 st.header("Generator evaluations")
 if evals.empty:
     st.caption("None yet: `pathloop evaluate` writes them.")

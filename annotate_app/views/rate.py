@@ -5,7 +5,8 @@ S unsure/skip, U undo the last rating; in the checklist each criterion has a key
 then letters; shown beside it) that ticks or unticks it, Ctrl+Enter (⌘+Enter) submits and
 Esc cancels. Letter keys are ignored while the cursor is in the comment box.
 
-A rating is kept in ``st.session_state["pending"]`` until the store has it: one that could
+A rating is kept in ``st.session_state["pending"]`` until the store has it (annotate_app/saving.py,
+shared with the Real-or-synthetic page): one that could
 not be saved (database locked or gone) stays there, a red banner says so, and it is sent
 again on every run and every few seconds until it lands; its request id makes a repeat
 that did reach the database a no-op. The time of the last saved rating is always shown.
@@ -20,12 +21,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import UTC
 
 import streamlit as st
-from PIL import Image as PILImage
 
-from annotate_app import context
+from annotate_app import context, saving
+from annotate_app.tile_view import load_tile, upscaled
 from store import queue
 
 ZOOMS = [256, 384, 512, 768, 1024]
@@ -33,20 +33,7 @@ VERDICT_WORDS = {"plausible": "plausible", "implausible": "implausible", "unsure
 # Keys for the criteria, in checklist order: never one the page already uses (P, I, S, U,
 # T retry) nor one Streamlit reserves (C clears caches, R reruns).
 CRITERION_KEYS = "1234567890abdefghjklmnoqvwxyz"
-RETRY_SECONDS = 5
 REFERENCE_EDGE = 128
-
-
-def load_tile(path) -> PILImage.Image:
-    """The tile's pixels (handed to the browser as a fresh PNG: no file name reaches the page)."""
-    with PILImage.open(path) as im:
-        return im.convert("RGB")
-
-
-def upscaled(im: PILImage.Image, edge: int) -> PILImage.Image:
-    """The tile enlarged to about ``edge`` pixels by whole-number nearest-neighbour steps (crisp)."""
-    factor = max(1, edge // max(im.size))
-    return im.resize((im.width * factor, im.height * factor), PILImage.NEAREST) if factor > 1 else im
 
 
 def current_view(item) -> dict:
@@ -63,9 +50,7 @@ def current_view(item) -> dict:
 
 def done(message: str) -> None:
     """After a saved action: fresh ids for whatever comes next, a note, and the next tile at once."""
-    st.session_state.pop("view", None)
-    st.session_state["actions"] = st.session_state.get("actions", 0) + 1
-    st.session_state["saved_note"] = message
+    saving.next_action(message)
     st.rerun()
 
 
@@ -76,78 +61,29 @@ def criterion_keys(criteria) -> list[str | None]:
 
 def save(ws, engine, user, item, view, verdict: str, reasons=(), comment: str = "") -> None:
     """Keep the rating as pending, then try to store it; on failure it stays pending (retried)."""
-    st.session_state["pending"] = {
+    saving.keep("pending", {
         "annotator_id": user.id, "kind": item.kind, "item_id": item.item_id, "verdict": verdict,
-        "reasons": list(reasons), "comment": comment.strip(),
+        "word": VERDICT_WORDS[verdict], "reasons": list(reasons), "comment": comment.strip(),
         "seconds": round(time.monotonic() - view["shown_at"], 3), "request_id": view["request_id"],
-        "attempts": 0, "error": "",
-    }
-    if store_pending(ws, engine, user):
+    })
+    if saving.store_pending("pending", user, sender(ws, engine, user)):
         done(f"Saved: {VERDICT_WORDS[verdict]}.")
     st.rerun()  # the banner at the top of the page shows the failure and retries
 
 
-def store_pending(ws, engine, user) -> bool:
-    """Send the pending rating (if any) to the store; True once it is stored."""
-    p = st.session_state.get("pending")
-    if p is None or p["annotator_id"] != user.id:
-        st.session_state.pop("pending", None)  # another account's leftover (sign-out clears it anyway)
-        return False
-    try:
-        j = queue.record_judgment(
+def sender(ws, engine, user):
+    """How a pending rating reaches the store."""
+    def send(p: dict):
+        return queue.record_judgment(
             ws, engine, user.id, kind=p["kind"], item_id=p["item_id"], verdict=p["verdict"],
             reasons=p["reasons"], comment=p["comment"], seconds=p["seconds"], request_id=p["request_id"],
         )
-    except context.DB_ERRORS as e:
-        p["attempts"] += 1
-        p["error"] = context.one_line(e)
-        return False
-    st.session_state.pop("pending", None)
-    st.session_state["last_saved"] = {"at": j.created_at, "verdict": p["verdict"]}
-    return True
 
-
-@st.fragment(run_every=RETRY_SECONDS)
-def pending_banner(ws, engine, user) -> None:
-    """While a rating is unsaved: retry it (on each run and every few seconds) and say so."""
-    p = st.session_state.get("pending")
-    if p is None:
-        return
-    if store_pending(ws, engine, user):
-        st.session_state.pop("view", None)
-        st.session_state["actions"] = st.session_state.get("actions", 0) + 1
-        st.session_state["saved_note"] = f"Saved after a retry: {VERDICT_WORDS[p['verdict']]}."
-        st.rerun(scope="app")
-    st.error(
-        f"**Not saved — retrying.** Your rating ({VERDICT_WORDS[p['verdict']]}) was NOT saved yet: "
-        f"{p['error']}. It is kept in this tab and sent again every {RETRY_SECONDS} s and on every key "
-        f"press (attempt {p['attempts']}); keep this tab open until this banner goes away.",
-        icon=":material/sync_problem:",
-    )
-    if st.button("Retry now", shortcut="T", key="retry-pending"):
-        st.rerun(scope="app")
-
-
-def saved_state() -> None:
-    """The time of the last rating the store confirmed in this session (UTC, as stored)."""
-    last = st.session_state.get("last_saved")
-    if last is None:
-        st.caption("Nothing saved yet in this session.")
-        return
-    at = last["at"].astimezone(UTC).strftime("%H:%M:%S")
-    st.markdown(f":green-badge[:material/check_circle: Saved {at} UTC] · {VERDICT_WORDS[last['verdict']]}")
+    return send
 
 
 def undo(ws, engine, user, view) -> None:
-    try:
-        undone = queue.undo_last(ws, engine, user.id, request_id=view["undo_request_id"])
-    except context.DB_ERRORS as e:
-        st.error(f"Undo did NOT happen: {context.one_line(e)}. Try again.")
-        return
-    if undone is None:
-        st.info("Nothing to undo.")
-        return
-    done("Your last rating was undone.")
+    saving.undo(lambda: queue.undo_last(ws, engine, user.id, request_id=view["undo_request_id"]))
 
 
 def show_progress(ws, engine, user) -> None:
@@ -217,7 +153,7 @@ def reference_strip(ws, engine, item, edge: int) -> None:
 def main() -> None:
     ws, engine, user = context.require_user()
     if "pending" in st.session_state:
-        pending_banner(ws, engine, user)
+        saving.pending_banner("pending", user, sender(ws, engine, user))
     note = st.session_state.pop("saved_note", None)
     if note:
         st.toast(note, icon=":material/check_circle:")
@@ -235,7 +171,7 @@ def main() -> None:
         st.write("Every tile in the queue has the ratings it needs. Thank you! Check back later.")
         if st.button("Undo last rating", shortcut="U", key=f"undo-{tag}"):
             undo(ws, engine, user, view)
-        saved_state()
+        saving.saved_badge("pending")
         return
 
     image_col, action_col = st.columns([3, 2], gap="large")
@@ -250,7 +186,7 @@ def main() -> None:
             save(ws, engine, user, item, view, "unsure")
         if st.button("Undo last rating", shortcut="U", type="tertiary", key=f"undo-{tag}"):
             undo(ws, engine, user, view)
-        saved_state()
+        saving.saved_badge("pending")
         if view["checklist"]:
             checklist(ws, engine, user, item, view, tag)
     path = item.image_path if item.image_path.is_absolute() else ws.root / item.image_path
