@@ -101,6 +101,9 @@ def test_real_or_synthetic_by_keys_alone(chromium, turing_served):  # noqa: F811
             press_until("3", 5, "a synthetic guess")
             rows = answers(engine)
             expect(page.get_by_text(f"Saved {rows[-1].created_at:%H:%M:%S} UTC")).to_be_visible(timeout=WAIT_MS)
+            # the badge names the last answer (two answers can share a second; the page may still show
+            # the previous run's badge while it reruns)
+            expect(page.get_by_text(re.compile(r"UTC · synthetic \(guess\)"))).to_be_visible(timeout=WAIT_MS)
             expect(page.get_by_text("3 of 8 answered")).to_be_visible(timeout=WAIT_MS)
             page.screenshot(path=str(shots / "turing-test.png"))
 
