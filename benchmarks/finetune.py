@@ -9,6 +9,9 @@
 (b) The same against a two-forward-pass version of the objective (the synthetic and the
     real halves through the UNet separately, one backward of the sum), which the single
     pass should beat. Ratio > 1 means the single pass is faster.
+(c) LoRA (``--lora-rank``, finetune/lora.py) at ranks 4 and 8 against full fine-tuning: the
+    same loop body; step-time ratio, trained parameters, and the size of what each exports
+    (the adapter folder vs the full UNet's weights).
 
 Contenders take short turns of a few steps, in an order that flips every turn, so drift
 and bursts of load favour no side; ratios are of the median step times. Run: ``python benchmarks/finetune.py [--preset tiny --size 32 --batch 16]``.
@@ -27,6 +30,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import torch
@@ -35,7 +39,8 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from finetune.config import PretrainConfig
+from finetune import lora
+from finetune.config import FinetuneConfig, PretrainConfig
 from finetune.data import StepBatches, step_generator
 from finetune.losses import per_sample_error, sample_weights
 from finetune.pretrain import denoising_batch, make_noise_scheduler
@@ -48,12 +53,14 @@ BETA = 0.3
 class Setup:
     """A fresh model, optimizer and EMA (same seed for every contender), and tiles in memory."""
 
-    def __init__(self, preset: str, size: int, batch: int):
+    def __init__(self, preset: str, size: int, batch: int, lora_rank: int = 0):
         torch.manual_seed(0)
         self.accelerator = Accelerator(mixed_precision="no")
         unet = build_unet(preset, size, 2)
         self.null_id = null_class(unet)
-        opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+        if lora_rank:
+            unet = lora.wrap(unet, lora_rank, 0, FinetuneConfig().lora_targets)
+        opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-5)
         sched = get_scheduler("constant", optimizer=opt)
         self.ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, power=3 / 4)
         self.unet, self.opt, self.sched = self.accelerator.prepare(unet, opt, sched)
@@ -155,8 +162,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="steps per turn (short turns: load bursts hit all sides)")
     ap.add_argument("--runs", type=int, default=15, help="turns per contender")
     a = ap.parse_args()
-    contenders = {"finetune": ours, "plain": plain, "two-pass": two_pass}
-    setups = {name: Setup(a.preset, a.size, a.batch) for name in contenders}
+    contenders = {"finetune": ours, "plain": plain, "two-pass": two_pass, "lora-r4": ours, "lora-r8": ours}
+    setups = {name: Setup(a.preset, a.size, a.batch, lora_rank=int(name[6:]) if name.startswith("lora") else 0)
+              for name in contenders}
     device = setups["finetune"].accelerator.device
     print(f"preset {a.preset}, {a.size} px, B = {a.batch} synthetic + {a.batch} real tiles per step, device {device}, "
           f"{torch.get_num_threads()} threads, {a.runs} alternating turns of {a.steps} steps each")
@@ -176,6 +184,16 @@ def main() -> None:
           "(steps/s, target >= 0.95)")
     print(f"(b) finetune step vs two-forward-pass objective:      ratio {med['two-pass'] / med['finetune']:.3f} "
           "(steps/s, > 1: the single pass is faster)")
+    full_params = lora.trained_parameters(setups["finetune"].unet)
+    with tempfile.TemporaryDirectory() as tmp:
+        setups["finetune"].accelerator.unwrap_model(setups["finetune"].unet).save_pretrained(f"{tmp}/full")
+        full_bytes = sum(f.stat().st_size for f in Path(tmp, "full").iterdir())
+        print(f"(c) full fine-tuning: {full_params:,} trained parameters, exports {full_bytes / 1e6:.2f} MB (unet/)")
+        for name in ("lora-r4", "lora-r8"):
+            info = lora.save_adapter(setups[name].accelerator.unwrap_model(setups[name].unet), Path(tmp, name))
+            print(f"    {name}: step ratio {med['finetune'] / med[name]:.3f} (steps/s vs full), "
+                  f"{info['trained_parameters']:,} trained parameters ({info['trained_parameters'] / full_params:.1%}), "
+                  f"adapter {info['adapter_bytes'] / 1e3:.0f} kB ({info['adapter_bytes'] / full_bytes:.1%} of the UNet)")
 
 if __name__ == "__main__":
     main()

@@ -131,6 +131,12 @@ class FinetuneConfig:
     select_steps: int = field(default=50, metadata={"help": "sampler steps of the checks"})
     select_patience: int = field(default=0, metadata={
         "help": "stop after this many checks in a row without a better score (0: train every step)"})
+    lora_rank: int = field(default=0, metadata={"help": (
+        "LoRA: train low-rank adapters of this rank instead of every weight (0: full fine-tuning); the child "
+        "also carries the adapter in lora/ (peft layout), which stock peft loads onto the parent")})
+    lora_alpha: float = field(default=0.0, metadata={"help": "LoRA scale numerator: adapters scaled by alpha/rank (0: alpha = rank)"})
+    lora_targets: str = field(default="to_q,to_k,to_v,to_out.0,conv1,conv2", metadata={
+        "help": "layers that get adapters, comma-separated names (attention projections and resnet convolutions)"})
     ema_decay: float = field(default=0.9999, metadata={"help": "maximum EMA decay (warm-up from 0)"})
     mixed_precision: str = field(default="auto", metadata={"help": "no | fp16 | bf16 | auto (bf16/fp16 on GPU, none on CPU)"})
     checkpoint_every: int = field(default=100, metadata={"help": "save_state every N steps"})
@@ -171,6 +177,10 @@ class FinetuneConfig:
             (self.select_sampler in ("ddim", "ddpm"), "select_sampler must be ddim or ddpm"),
             (self.select_steps >= 1, "select_steps must be >= 1"),
             (self.select_patience >= 0, "select_patience must be >= 0 (0: never stop early)"),
+            (isinstance(self.lora_rank, int) and self.lora_rank >= 0, "lora_rank must be a whole number >= 0 (0: full fine-tuning)"),
+            (self.lora_alpha >= 0, "lora_alpha must be >= 0 (0: the rank)"),
+            (self.lora_rank == 0 or any(t.strip() for t in self.lora_targets.split(",")),
+             "lora_targets must name at least one layer"),
             (0 < self.ema_decay < 1, "ema_decay must be in (0, 1)"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.checkpoints_keep >= 1, "checkpoints_keep must be >= 1"),

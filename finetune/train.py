@@ -36,6 +36,7 @@ from diffusers.training_utils import EMAModel
 from sqlalchemy.engine import Engine
 from tqdm.auto import tqdm
 
+from finetune import lora
 from finetune.config import FinetuneConfig, data_workers
 from finetune.data import (
     PairBatches,
@@ -349,14 +350,16 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
     # the frozen parent the preference objective measures against; never trained or prepared
     reference = copy.deepcopy(parent.unet).eval().requires_grad_(False) if preference else None
     unet = parent.unet.train()
+    if cfg.lora_rank:  # adapters on the parent's frozen weights; only they train (finetune/lora.py)
+        unet = lora.wrap(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets).train()
     noise_scheduler = DDPMScheduler.from_config(parent.scheduler_config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train_learning_rate,
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=cfg.train_learning_rate,
                                   weight_decay=cfg.train_adam_weight_decay)
     schedule = "constant_with_warmup" if cfg.train_lr_schedule == "constant" else "cosine"
     lr_scheduler = get_scheduler(schedule, optimizer=optimizer,
                                  num_warmup_steps=cfg.train_lr_warmup_steps, num_training_steps=cfg.train_steps)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4,
-                   model_cls=UNet2DModel, model_config=unet.config)
+                   model_cls=UNet2DModel, model_config=parent.unet.config)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
@@ -471,12 +474,16 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
     version = None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = UNet2DModel.from_config(accelerator.unwrap_model(unet).config)
+        trained = accelerator.unwrap_model(unet)
+        final = copy.deepcopy(trained) if cfg.lora_rank else UNet2DModel.from_config(trained.config)
         if selection is not None:
             final.load_state_dict(selection.best)  # the best candidate's EMA weights (step 0: the parent's)
         else:
-            final.load_state_dict(accelerator.unwrap_model(unet).state_dict())
+            final.load_state_dict(trained.state_dict())
             ema.copy_to(final.parameters())
+        adapter = final if cfg.lora_rank else None
+        if adapter is not None:
+            final = lora.merged_copy(adapter)  # the version folder holds full weights, as every version does
         folder = incoming_folder(ws)
         try:
             info = _record(cfg, samples, tiles, expert, reward, parent_id=parent_id, reward_id=reward_id,
@@ -489,6 +496,8 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
                 info["selection"] = selection.record() | {"stopped_early_at": stopped_early}
             info.update(seconds=round(time.time() - started, 1), processes=procs, weights="ema",
                         run=str(run_dir.relative_to(ws.root)))
+            if adapter is not None:
+                info["lora"] = lora.save_adapter(adapter.float().cpu(), folder / lora.ADAPTER_FOLDER)
             export_pipeline(final.float().cpu(), noise_scheduler, folder, info)
             config = {k: v for k, v in info.items() if k != "train_tile_ids"}
             version = register_generator(ws, engine, folder, kind="finetuned", config=config, parent_id=parent_id,

@@ -58,6 +58,9 @@ class RoundOptions:
         "help": "fine-tuning learning-rate schedule: constant or cosine (decays to 0)"})
     finetune_batch_size: int = field(default=16, metadata={"help": "synthetic (and as many real) tiles per step"})
     finetune_checkpoint_every: int = field(default=100, metadata={"help": "fine-tuning checkpoint interval (steps)"})
+    finetune_lora_rank: int = field(default=0, metadata={"metavar": "R", "help": (
+        "fine-tune LoRA adapters of rank R instead of every weight (0: full fine-tuning); the child also carries "
+        "the adapter in lora/")})
     beta: float = field(default=0.3, metadata={"help": "weight of the real-tile denoising term"})
     weighting: str = field(default="reward", metadata={"help": "reward, binary, normalized or none (no feedback)"})
     objective: str = field(default="weighted", metadata={"help": (
@@ -96,7 +99,7 @@ class RoundOptions:
             raise PathloopError(f"weighting must be one of {', '.join(WEIGHTINGS)} (got {self.weighting!r})")
         # the objective's own checks, where FinetuneConfig keeps them (same field names)
         FinetuneConfig(weighting=self.weighting, objective=self.objective, preference_beta=self.preference_beta,
-                       **self.selection())
+                       lora_rank=self.finetune_lora_rank, **self.selection())
 
     def selection(self) -> dict:
         """The fine-tuning run's ``select_*`` options (the checks sample with the round's sampler)."""
@@ -391,7 +394,7 @@ def step_finetune(ws: Workspace, engine: Engine, r: Round, o: RoundOptions) -> d
                          train_lr_schedule=o.finetune_lr_schedule,
                          train_batch_size=o.finetune_batch_size, beta=o.beta, weighting=o.weighting,
                          objective=o.objective, preference_beta=o.preference_beta,
-                         weighting_min_ratings=o.min_ratings,
+                         weighting_min_ratings=o.min_ratings, lora_rank=o.finetune_lora_rank,
                          checkpoint_every=o.finetune_checkpoint_every, samples=str(r.number), seed=o.seed,
                          **o.selection(), run_name=f"round-{r.number}-finetune")
     child = finetune(ws, engine, cfg, load_reward(ws, engine, r.reward_id), parent_id=r.generator_in_id,

@@ -470,21 +470,32 @@ def register_reward_version(ws, engine, classes) -> int:
                            data_manifest={}).id
 
 
+def cpu_env() -> tuple[dict, str]:
+    """The environment of a CPU-only subprocess (no workspace variables) and the venv's bin folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PATHLOOP_")}
+    env.update(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
+    return env, os.path.dirname(sys.executable)
+
+
+def finetune_on_two_processes(ws, reward_id: int, *options: str) -> subprocess.CompletedProcess:
+    """`pathloop finetune` of round 1's samples (2 steps) under `accelerate launch` with 2 CPU processes."""
+    env, bindir = cpu_env()
+    # `accelerate launch --cpu` always starts one process; several CPU processes take --multi_gpu
+    # with ACCELERATE_USE_CPU (accelerate issue #2741), which torchrun runs on the gloo backend.
+    return subprocess.run([os.path.join(bindir, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "pathloop.cli", "finetune", "-w", str(ws.root), "--from", "latest", "--reward",
+                           str(reward_id), "--samples", "1", "--steps", "2", "--batch-size", "2",
+                           "--checkpoint-every", "1", "--round", "1", *options],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
 def test_cli_finetune_on_two_processes_and_its_bad_input(ft_ws):
     ws, engine, parent = ft_ws
     rid = register_reward_version(ws, engine, CLASSES)
     other = register_reward_version(ws, engine, ["tumour", "stroma"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PATHLOOP_")}
-    env.update(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
-    bindir = os.path.dirname(sys.executable)
-    # `accelerate launch --cpu` always starts one process; several CPU processes take --multi_gpu
-    # with ACCELERATE_USE_CPU (accelerate issue #2741), which torchrun runs on the gloo backend.
-    p = subprocess.run([os.path.join(bindir, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                        "-m", "pathloop.cli", "finetune", "-w", str(ws.root), "--from", "latest", "--reward", str(rid),
-                        "--samples", "1", "--steps", "2", "--batch-size", "2", "--checkpoint-every", "1",
-                        "--select-every", "1", "--select-per-class", "2", "--select-steps", "2",
-                        "--round", "1"], capture_output=True, text=True, env=env, timeout=600)
+    env, bindir = cpu_env()
+    p = finetune_on_two_processes(ws, rid, "--select-every", "1", "--select-per-class", "2", "--select-steps", "2")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "fine-tuned from version 1 with reward version 1" in p.stdout
     assert "selection: the child is step " in p.stdout and "on 2 fresh tiles per class, of 3 checks" in p.stdout

@@ -228,7 +228,7 @@ def rate_by_class(engine, number: int) -> None:
 def test_a_whole_round_through_the_cli(loop_ws, pathloop_exe):
     ws, engine = loop_ws
     w = ["--workspace", ws.root]
-    p = run(pathloop_exe, "round", *w, *E2E_OPTIONS)
+    p = run(pathloop_exe, "round", *w, *E2E_OPTIONS, "--finetune-lora-rank", "2")
     assert "round 1 is waiting for ratings: 0 of 24 judgments on its 12 samples" in p.stdout
     p = run(pathloop_exe, "round", "--if-due", *w)
     assert p.stdout == "" and p.stderr == ""  # nothing due: quiet, exit 0
@@ -243,6 +243,9 @@ def test_a_whole_round_through_the_cli(loop_ws, pathloop_exe):
         child = s.get(GeneratorVersion, r1.generator_out_id)
     assert (child.kind, child.parent_id, child.round_number) == ("finetuned", r1.generator_in_id, 1)
     assert child.config["reward_id"] == r1.reward_id
+    # the round fine-tuned LoRA adapters (and round 2 keeps the option)
+    assert child.config["lora"]["rank"] == 2 and (ws.root / child.folder / "lora" / "adapter_config.json").is_file()
+    assert r2.details["options"]["finetune_lora_rank"] == 2
     ev = r1.details["evaluation"]  # the round ran `pathloop evaluate` on parent and child
     assert set(ev) == {"parent", "child", "fid", "coverage", "folder", "evaluation_ids"}
     assert 0 <= ev["parent"] <= 1 and 0 <= ev["child"] <= 1 and (ws.root / ev["folder"] / "metrics.json").is_file()
