@@ -4,7 +4,9 @@
   implausible judgments (unsure and superseded rows are not judgments of plausibility);
   target = the share that say plausible.
 - Weak examples (Sun et al.): a real tile with its own class → 1, the same tile with another
-  class drawn at random → 0. Pairs keep the image fixed, so only the class embedding can
+  class drawn at random → 0. When every rated sample has one verdict (a weak first
+  generator's tiles are all implausible), the weak labels give the other side and training
+  goes on; the manifest says so (``one_sided``). Pairs keep the image fixed, so only the class embedding can
   tell them apart. Real tiles keep the split they got at ingest (grouped by slide or
   spatial block), so a weak example never leaks across splits.
 
@@ -63,10 +65,14 @@ def build_data(ws: Workspace, engine, cfg: RewardConfig) -> RewardData:
             f"current plausible/implausible judgments ({current_decisive_count(engine)} such judgments in all); "
             f"{cfg.data_min_samples} are needed (rate more, or lower --data-min-samples / --data-min-ratings)")
     sides = {r.target > 0.5 for r in enough if r.target != 0.5}
+    one_sided = None
     if len(sides) < 2:
         verdict = "plausible" if sides == {True} else "implausible" if sides == {False} else "a tie"
-        raise PathloopError(f"every one of the {len(enough)} rated samples is judged {verdict} by its raters; "
-                            "the reward model needs samples of both verdicts to learn anything")
+        one_sided = f"every one of the {len(enough)} rated samples is judged {verdict} by its raters"
+        if cfg.data_weak_share == 0 or len(classes) < 2:
+            raise PathloopError(f"{one_sided}; the reward model needs samples of both verdicts to learn anything, "
+                                "and there are no weak labels of real tiles to give the other side (they need "
+                                "--data-weak-share > 0 and two classes or more)")
 
     by_image: dict[int, list] = defaultdict(list)
     for r in enough:
@@ -81,6 +87,9 @@ def build_data(ws: Workspace, engine, cfg: RewardConfig) -> RewardData:
     weak_tiles = _weak_examples(ws, engine, cfg, {s: len(v) for s, v in splits.items()})
     for split, examples in weak_tiles.items():
         splits[split].extend(examples)
+    if one_sided and not {e.target > 0.5 for e in splits["train"] if e.target != 0.5} >= {True, False}:
+        raise PathloopError(f"{one_sided}, and the workspace has no real train tiles to give the other side "
+                            "as weak labels; the reward model needs examples of both verdicts")
 
     manifest = {
         "min_ratings": cfg.data_min_ratings,
@@ -91,6 +100,9 @@ def build_data(ws: Workspace, engine, cfg: RewardConfig) -> RewardData:
         "counts": {s: {"expert": sum(e.expert for e in splits[s]), "weak": sum(not e.expert for e in splits[s])}
                    for s in SPLITS},
         "rated_below_min": len(rated) - len(enough),
+        # A weak generator's first ratings may all say implausible: real tiles of their own class
+        # (the weak labels) are then the only plausible examples, which is what lets round 1 go on.
+        "one_sided": one_sided,
     }
     return RewardData(splits, manifest)
 

@@ -247,14 +247,30 @@ def test_soft_targets_count_current_decisive_judgments_only(workspace, engine):
     assert sorted(sum(data.manifest["samples"].values(), [])) == sorted(ids)
 
 
-def test_single_verdict_label_set_is_refused(workspace, engine):
+def test_single_verdict_label_set_learns_the_other_side_from_real_tiles_or_is_refused(workspace, engine):
     ids = [sid for sid, _ in add_toy_samples(workspace, engine, 12)]
     a, b = add_annotators(engine, 2)
-    for sid in ids:
-        judge(engine, sid, a, "plausible")
-        judge(engine, sid, b, "plausible")
-    with pytest.raises(PathloopError, match="every one of the 12 rated samples is judged plausible"):
-        build_data(workspace, engine, RewardConfig(backbone="test_resnet", data_min_samples=10))
+    for sid in ids:  # a weak generator: every tile implausible
+        judge(engine, sid, a, "implausible")
+        judge(engine, sid, b, "implausible")
+    recount_ratings(engine)
+    cfg = RewardConfig(backbone="test_resnet", data_min_samples=10)
+    # no real tiles yet: nothing can say plausible
+    with pytest.raises(PathloopError, match="every one of the 12 rated samples is judged implausible by its raters, "
+                                            "and the workspace has no real train tiles"):
+        build_data(workspace, engine, cfg)
+    with pytest.raises(PathloopError, match="there are no weak labels of real tiles to give the other side"):
+        build_data(workspace, engine, RewardConfig(backbone="test_resnet", data_min_samples=10, data_weak_share=0))
+    add_toy_tiles(workspace, engine, {"train": 20, "val": 6, "test": 6})
+    data = build_data(workspace, engine, cfg)  # real tiles of their own class: the plausible side
+    train = data.splits["train"]
+    assert all(e.target == 0.0 for e in train if e.expert)
+    assert any(e.target == 1.0 and not e.expert for e in train) and any(e.target == 0.0 and not e.expert for e in train)
+    assert data.manifest["one_sided"] == "every one of the 12 rated samples is judged implausible by its raters"
+    # and a model trains on it and is registered
+    version = train_reward(workspace, engine, RewardConfig(backbone="test_resnet", data_min_samples=10,
+                                                           train_epochs=1, train_batch_size=8), progress=False)
+    assert version.data_manifest["one_sided"] and registered(engine) == 1
 
 
 def test_weak_labels_pair_each_real_tile_with_its_own_and_another_class(workspace, engine):

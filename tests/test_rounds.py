@@ -19,7 +19,7 @@ from store_rows import add_annotators, add_samples
 from pathloop import rounds
 from store.errors import PathloopError
 from store.judgments import recount_ratings
-from store.models import Evaluation, GeneratorVersion, Judgment, Round, Sample, utcnow
+from store.models import Evaluation, GeneratorVersion, Judgment, RewardVersion, Round, Sample, utcnow
 
 
 def add_generator(engine) -> int:
@@ -213,16 +213,31 @@ def run(exe, *args, ok=True, timeout=300):
     return p
 
 
-def rate_by_class(engine, number: int) -> None:
-    """Two raters per sample of the round: red samples plausible, blue ones implausible."""
+def rate_by_class(engine, number: int, verdict=lambda cls: "plausible" if cls == "red" else "implausible") -> None:
+    """Two raters per sample of the round: by default red samples plausible, blue ones implausible."""
     raters = add_annotators(engine, f"round{number}-a", f"round{number}-b")
     with Session(engine) as s:
         for sid, cls in s.exec(select(Sample.id, Sample.class_name).where(Sample.round_number == number)).all():
             for a in raters:
-                s.add(Judgment(sample_id=sid, annotator_id=a, request_id=f"{sid}-{a}",
-                               verdict="plausible" if cls == "red" else "implausible"))
+                s.add(Judgment(sample_id=sid, annotator_id=a, request_id=f"{sid}-{a}", verdict=verdict(cls)))
         s.commit()
     recount_ratings(engine)
+
+
+def test_a_weak_generator_whose_tiles_are_all_implausible_does_not_stall_the_loop(loop_ws, pathloop_exe):
+    # A 2-step generator makes noise: every rated tile is implausible. The reward model takes its
+    # plausible side from real tiles of their own class (weak labels) and the round goes on.
+    ws, engine = loop_ws
+    w = ["--workspace", ws.root]
+    run(pathloop_exe, "round", *w, *E2E_OPTIONS)
+    rate_by_class(engine, 1, verdict=lambda cls: "implausible")
+    p = run(pathloop_exe, "round", *w)
+    assert "round 2 is waiting for ratings" in p.stdout, p.stdout
+    r1 = rounds.list_rounds(engine)[0]
+    assert r1.state == "done" and r1.reward_id is not None and r1.generator_out_id is not None
+    with Session(engine) as s:
+        reward = s.get(RewardVersion, r1.reward_id)
+    assert reward.data_manifest["one_sided"] == "every one of the 12 rated samples is judged implausible by its raters"
 
 
 def test_a_whole_round_through_the_cli(loop_ws, pathloop_exe):
