@@ -219,8 +219,9 @@ def run_loop(ws, engine, cfg: StudyConfig, timings: dict, log: Callable[[str], N
         out.append({"round": number, "generator_id": r.generator_out_id, "reward_id": r.reward_id,
                     "rated": rated.judgments, "rated_plausible": rated.plausible,
                     "reward_roc_auc": metrics.get("roc_auc"), "reward_test_n": metrics.get("n"),
-                    "selected_step": selection.get("selected_step"), "selection": selection.get("history")})
-        chosen = f", child = step {selection['selected_step']}" if selection else ""
+                    "selected_step": selection.get("selected_step"), "selection_rule": selection.get("rule"),
+                    "selection": selection.get("history")})
+        chosen = f", child = step {selection['selected_step']} by {selection.get('rule')}" if selection else ""
         log(f"{arm} round {number}: rated {rated.judgments} ({rated.plausible} plausible), reward ROC-AUC "
             f"{_fmt(metrics.get('roc_auc'))}, generator version {r.generator_out_id}{chosen} "
             f"({time.perf_counter() - t:.0f} s)")
@@ -281,8 +282,8 @@ def study_rows(versions: dict[int, dict], g0: int, loops: dict[str, list[dict]],
 
     rows = [row("both", 0, g0)]
     for arm, rounds_ in loops.items():
-        rows += [row(arm, r["round"], r["generator_id"], {k: r[k] for k in ("rated", "rated_plausible",
-                                                                            "reward_roc_auc", "selected_step")})
+        rows += [row(arm, r["round"], r["generator_id"], {k: r[k] for k in ("rated", "rated_plausible", "reward_roc_auc",
+                                                                            "selected_step", "selection_rule")})
                  for r in rounds_]
     rows += [row("control", r["round"], r["generator_id"]) for r in control]
     if again is not None:
@@ -326,6 +327,13 @@ def _fmt(x, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _chosen(r: dict) -> str:
+    """The child's step; '(fallback)' when the round-1 guard, not the reward model, chose it."""
+    if r.get("selected_step") is None:
+        return "-"
+    return f"{r['selected_step']}{' (fallback)' if str(r.get('selection_rule')).startswith('fallback') else ''}"
+
+
 def _with_interval(r: dict, key: str, digits: int) -> str:
     if r.get(f"{key}_low") is None:
         return _fmt(r[key], digits)
@@ -348,7 +356,7 @@ def format_table(rows: list[dict]) -> str:
                      _with_interval(r, "coverage", 3),
                      _fmt(r["utility_accuracy"]), _fmt(r["utility_balanced_accuracy"]), _fmt(r["copies_share"]),
                      f"{r['rated']} ({r['rated_plausible']})" if "rated" in r else "-",
-                     _fmt(r.get("reward_roc_auc")), "-" if r.get("selected_step") is None else str(r["selected_step"])])
+                     _fmt(r.get("reward_roc_auc")), _chosen(r)])
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) if i < 4 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
     lines += ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths))) for b in body]

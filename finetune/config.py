@@ -131,6 +131,12 @@ class FinetuneConfig:
     select_steps: int = field(default=50, metadata={"help": "sampler steps of the checks"})
     select_patience: int = field(default=0, metadata={
         "help": "stop after this many checks in a row without a better score (0: train every step)"})
+    select_min_auc: float = field(default=0.65, metadata={"help": (
+        "round-1 guard: a reward model whose held-out ROC-AUC is below this does not select (no checks run); the "
+        "child is the last step's weights (0: always trust it)")})
+    select_min_gain: float = field(default=0.01, metadata={"help": (
+        "round-1 guard: when the checks' mean reward p spread by less than this, the reward model cannot tell "
+        "the candidates apart; no early stop, and the child is the last step's weights")})
     lora_rank: int = field(default=0, metadata={"help": (
         "LoRA: train low-rank adapters of this rank instead of every weight (0: full fine-tuning); the child "
         "also carries the adapter in lora/ (peft layout), which stock peft loads onto the parent")})
@@ -177,6 +183,8 @@ class FinetuneConfig:
             (self.select_sampler in ("ddim", "ddpm"), "select_sampler must be ddim or ddpm"),
             (self.select_steps >= 1, "select_steps must be >= 1"),
             (self.select_patience >= 0, "select_patience must be >= 0 (0: never stop early)"),
+            (0 <= self.select_min_auc <= 1, "select_min_auc must be in [0, 1]"),
+            (0 <= self.select_min_gain < 1, "select_min_gain must be in [0, 1)"),
             (isinstance(self.lora_rank, int) and self.lora_rank >= 0, "lora_rank must be a whole number >= 0 (0: full fine-tuning)"),
             (self.lora_alpha >= 0, "lora_alpha must be >= 0 (0: the rank)"),
             (self.lora_rank == 0 or any(t.strip() for t in self.lora_targets.split(",")),

@@ -14,6 +14,23 @@ by its own reward model's account.
 
 The checks and the best weights are part of the run's checkpoints (``state_dict``), so a
 resumed run selects exactly as an uninterrupted one would.
+
+The round-1 guard: a reward model trained on a first round's few ratings may not tell the
+candidates apart (the loop study's round 1: ROC-AUC 0.60, every candidate scored 0.495 to the
+fourth decimal), and then "the best" is noise. Two checks decide whether the reward model
+decides:
+
+- before training, its held-out ROC-AUC (``RewardVersion.metrics["roc_auc"]``) must reach
+  ``min_auc``; below it no check runs at all (``finetune.train``);
+- after the checks, their scores must spread by at least ``min_gain`` (max - min of the mean
+  reward p); within it, the candidates are indistinguishable to this reward model. Early
+  stopping waits for a spread too: "no better score" means nothing while nothing differs.
+
+When either fails, the child is decided by the fallback rule: the last step's EMA weights,
+i.e. the run as configured (its learning rate and steps, as with selection off). The last
+step and not the parent, because a round whose reward model cannot judge still has the
+experts' verdicts in its objective; keeping the parent would throw that round away. The
+record's ``rule`` says which decided: ``reward`` or ``fallback: <why>``.
 """
 
 from __future__ import annotations
@@ -35,8 +52,8 @@ class Selection:
 
     def __init__(self, *, every: int, per_class: int, sampler: str, steps: int, patience: int, seed: int,
                  classes: list[str], null_id: int, scheduler_config: dict,
-                 reward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-        self.every, self.patience, self.classes = every, patience, list(classes)
+                 reward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], min_gain: float = 0.0):
+        self.every, self.patience, self.classes, self.min_gain = every, patience, list(classes), min_gain
         self.settings = SampleSettings(sampler, steps)
         self.null_id, self.scheduler_config, self.reward_fn = null_id, scheduler_config, reward_fn
         self.class_ids = [k for k in range(len(classes)) for _ in range(per_class)]
@@ -59,8 +76,17 @@ class Selection:
         best = self.best_entry
         return 0 if best is None else sum(h["step"] > best["step"] for h in self.history)
 
+    def spread(self) -> float:
+        """Max - min of the checks' mean reward p so far (0 before two checks)."""
+        scores = [h["reward_p"] for h in self.history]
+        return max(scores) - min(scores) if len(scores) > 1 else 0.0
+
+    def separated(self) -> bool:
+        """Whether the reward model tells the candidates apart: their scores spread by at least ``min_gain``."""
+        return len(self.history) > 1 and self.spread() >= self.min_gain
+
     def should_stop(self) -> bool:
-        return self.patience > 0 and self.stale() >= self.patience
+        return self.patience > 0 and self.separated() and self.stale() >= self.patience
 
     # ------------------------------------------------------------ one check
 
@@ -87,12 +113,16 @@ class Selection:
             self.best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return entry
 
-    def record(self) -> dict:
-        """What the child version records about its selection."""
+    def record(self, last_step: int) -> dict:
+        """What the child version records about its selection; ``last_step``: the fallback's step."""
         best = self.best_entry
+        decided = {"rule": "reward", "selected_step": best["step"] if best else None}
+        if not self.separated():
+            decided = {"rule": f"fallback: the checks' scores spread by {self.spread():.4f} < min_gain {self.min_gain}; "
+                               "the last step's weights", "selected_step": last_step}
         return {"every": self.every, "per_class": len(self.seeds) // len(self.classes),
                 "sampler": self.settings.sampler, "steps": self.settings.steps, "patience": self.patience,
-                "selected_step": best["step"] if best else None, "history": self.history}
+                "min_gain": self.min_gain, "spread": self.spread(), **decided, "history": self.history}
 
     # ------------------------------------------------------------ checkpointing (accelerate custom state)
 

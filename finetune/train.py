@@ -289,6 +289,18 @@ def preference_update(accelerator: Accelerator, unet, reference, optimizer, lr_s
     return terms, pair_accuracy(pred.detach(), noise, ref_pred, pairs)
 
 
+def _distrusted_reward(engine: Engine, cfg: FinetuneConfig, reward_id: int | None) -> str | None:
+    """Why the reward model may not select (its held-out ROC-AUC is below ``select_min_auc``), or None."""
+    if not cfg.select_every or reward_id is None or cfg.select_min_auc <= 0:
+        return None
+    from store.rewards import get_reward
+
+    auc = (get_reward(engine, reward_id).metrics or {}).get("roc_auc")
+    if auc is not None and auc < cfg.select_min_auc:
+        return f"reward version {reward_id}'s held-out ROC-AUC {auc:.3f} < min_auc {cfg.select_min_auc}"
+    return None
+
+
 def _check_parent(ws: Workspace, parent, classes: list[str]) -> None:
     """Refuse a parent made for other class names, or one that does not predict the noise ε."""
     predicts = parent.scheduler_config.get("prediction_type", "epsilon")
@@ -364,10 +376,12 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
     selection = candidate = None
-    if cfg.select_every:
+    distrusted = _distrusted_reward(engine, cfg, reward_id)  # the round-1 guard's first check
+    if cfg.select_every and distrusted is None:
         selection = Selection(every=cfg.select_every, per_class=cfg.select_per_class, sampler=cfg.select_sampler,
                               steps=cfg.select_steps, patience=cfg.select_patience, seed=cfg.seed, classes=classes,
-                              null_id=parent.null_id, scheduler_config=parent.scheduler_config, reward_fn=reward_fn)
+                              null_id=parent.null_id, scheduler_config=parent.scheduler_config, reward_fn=reward_fn,
+                              min_gain=cfg.select_min_gain)
         accelerator.register_for_checkpointing(selection)  # after the EMA, always: the checkpoint's order
         candidate = copy.deepcopy(accelerator.unwrap_model(unet)).eval()  # no draw from the global RNG
     if reference is not None:
@@ -476,9 +490,9 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(unet)
         final = copy.deepcopy(trained) if cfg.lora_rank else UNet2DModel.from_config(trained.config)
-        if selection is not None:
+        if selection is not None and selection.separated():
             final.load_state_dict(selection.best)  # the best candidate's EMA weights (step 0: the parent's)
-        else:
+        else:  # no selection, or the fallback rule of the round-1 guard: the last step's EMA weights
             final.load_state_dict(trained.state_dict())
             ema.copy_to(final.parameters())
         adapter = final if cfg.lora_rank else None
@@ -493,7 +507,10 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
                                             for c, (w, lo) in groups.items()}
             info.update({f"final_{k}": v for k, v in last.items()})
             if selection is not None:
-                info["selection"] = selection.record() | {"stopped_early_at": stopped_early}
+                info["selection"] = selection.record(last_step=cfg.train_steps) | {"stopped_early_at": stopped_early}
+            elif cfg.select_every:
+                info["selection"] = {"rule": f"fallback: {distrusted}; the last step's weights",
+                                     "selected_step": cfg.train_steps, "history": [], "stopped_early_at": None}
             info.update(seconds=round(time.time() - started, 1), processes=procs, weights="ema",
                         run=str(run_dir.relative_to(ws.root)))
             if adapter is not None:

@@ -291,12 +291,16 @@ def cmd_finetune(args) -> int:
               f"{c['final_loss_synthetic']:.4f} + {cfg.beta:g} x real {c['final_loss_real']:.4f}; {c['seconds']} s)")
         if c.get("selection"):
             sel = c["selection"]
-            best = next(h for h in sel["history"] if h["step"] == sel["selected_step"])
             stopped = f", stopped early at step {sel['stopped_early_at']}" if sel["stopped_early_at"] else ""
-            own = " (the parent's weights)" if sel["selected_step"] == 0 else ""
-            print(f"selection: the child is step {sel['selected_step']}{own}, reward p "
-                  f"{best['reward_p']:.3f} on {sel['per_class']} fresh tiles per class, of "
-                  f"{len(sel['history'])} checks{stopped}")
+            checks = (f"on {sel['per_class']} fresh tiles per class, of {len(sel['history'])} checks{stopped}"
+                      if sel["history"] else "no checks")
+            if sel.get("rule", "reward") == "reward":
+                best = next(h for h in sel["history"] if h["step"] == sel["selected_step"])
+                own = " (the parent's weights)" if sel["selected_step"] == 0 else ""
+                print(f"selection: the child is step {sel['selected_step']}{own}, reward p {best['reward_p']:.3f} "
+                      f"{checks}")
+            else:  # the round-1 guard: the reward model did not decide
+                print(f"selection: the child is step {sel['selected_step']} ({sel['rule']}), {checks}")
     return 0
 
 

@@ -75,6 +75,10 @@ class RoundOptions:
     select_steps: int = field(default=50, metadata={"help": "sampler steps of the checks (the round's sampler)"})
     select_patience: int = field(default=0, metadata={"metavar": "N", "help": (
         "stop fine-tuning after N checks in a row without a better score (0: every step)")})
+    select_min_auc: float = field(default=0.65, metadata={"help": (
+        "round-1 guard: a reward model with held-out ROC-AUC below this does not select; the child is the last step")})
+    select_min_gain: float = field(default=0.01, metadata={"help": (
+        "round-1 guard: checks whose mean reward p spread by less than this do not select; the child is the last step")})
     eval_per_class: int = field(default=16, metadata={"metavar": "N", "help": "fresh samples per class to compare parent and child"})
     seed: int = field(default=0, metadata={"help": "base seed of the round's sampling and training"})
 
@@ -105,7 +109,8 @@ class RoundOptions:
         """The fine-tuning run's ``select_*`` options (the checks sample with the round's sampler)."""
         return {"select_every": self.select_every, "select_per_class": self.select_per_class,
                 "select_sampler": self.sampler, "select_steps": self.select_steps,
-                "select_patience": self.select_patience}
+                "select_patience": self.select_patience, "select_min_auc": self.select_min_auc,
+                "select_min_gain": self.select_min_gain}
 
 
 @dataclass
@@ -399,7 +404,12 @@ def step_finetune(ws: Workspace, engine: Engine, r: Round, o: RoundOptions) -> d
                          **o.selection(), run_name=f"round-{r.number}-finetune")
     child = finetune(ws, engine, cfg, load_reward(ws, engine, r.reward_id), parent_id=r.generator_in_id,
                      reward_id=r.reward_id, round_number=r.number, resume="auto")
-    return {"generator_out_id": child.id}
+    selection = child.config.get("selection")
+    if not selection:
+        return {"generator_out_id": child.id}
+    # which rule chose the child: the reward model, or the round-1 guard's fallback
+    return {"generator_out_id": child.id, "details": {"selection": {k: selection.get(k) for k in (
+        "rule", "selected_step", "spread", "stopped_early_at")}}}
 
 
 def step_evaluate(ws: Workspace, engine: Engine, r: Round, o: RoundOptions) -> dict:

@@ -378,6 +378,46 @@ def test_selection_exports_the_best_candidate_and_stops_early(ft_ws):
         tiny(select_sampler="euler")
 
 
+def test_round_1_guard_falls_back_to_the_last_step_when_the_reward_model_cannot_decide(ft_ws):
+    ws, engine, parent = ft_ws
+    kw = dict(parent_id=parent.id, progress=False)
+    check = dict(train_steps=4, select_every=2, select_per_class=2, select_steps=2, checkpoint_every=4,
+                 select_patience=1)
+    # the same run without selection, weighted by the same reward (its first call weighs the samples)
+    plain = finetune(ws, engine, tiny(run_name="plain", train_steps=4, checkpoint_every=4), Counter(0.4955, -0.0001),
+                     reward_id=None, **kw)
+    # Scores that barely move (0.4950, 0.4951, ...: a first round's reward model): the falling-by-a-hair
+    # scores would stop the run and keep the parent; within min_gain they decide nothing: the last step.
+    flat = finetune(ws, engine, tiny(run_name="flat", **check), Counter(0.4955, -0.0001), reward_id=None, **kw)
+    f = flat.config["selection"]
+    assert [h["step"] for h in f["history"]] == [0, 2, 4] and f["stopped_early_at"] is None
+    assert f["rule"].startswith("fallback: the checks' scores spread by 0.0002 < min_gain 0.01")
+    assert f["selected_step"] == 4 and f["spread"] == pytest.approx(0.0002, abs=1e-6)
+    a, b = unet_weights(ws, plain), unet_weights(ws, flat)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the last step's EMA weights, as without selection
+    # The same scores with the guard off (min_gain 0): the reward model decides, the parent is kept.
+    trusted = finetune(ws, engine, tiny(run_name="trusted", select_min_gain=0.0, **check), Counter(0.4955, -0.0001),
+                       reward_id=None, **kw)
+    t = trusted.config["selection"]
+    assert (t["rule"], t["selected_step"], t["stopped_early_at"]) == ("reward", 0, 2)
+    # A reward version whose held-out ROC-AUC is below min_auc: no check runs, the last step is the child.
+    rid = register_reward_version(ws, engine, CLASSES)
+    with Session(engine) as s:
+        row = s.get(RewardVersion, rid)
+        row.metrics = {"roc_auc": 0.6}
+        s.add(row)
+        s.commit()
+    weak = finetune(ws, engine, tiny(run_name="weak", **check), Counter(0.4955, -0.0001), reward_id=rid, **kw)
+    w = weak.config["selection"]
+    assert w["history"] == [] and w["selected_step"] == 4
+    assert w["rule"] == (f"fallback: reward version {rid}'s held-out ROC-AUC 0.600 < min_auc 0.65; "
+                         "the last step's weights")
+    a, b = unet_weights(ws, plain), unet_weights(ws, weak)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(PathloopError, match="select_min_gain must be in"):
+        tiny(select_min_gain=-0.1)
+
+
 def test_resume_equals_an_uninterrupted_run(ft_ws):
     ws, engine, parent = ft_ws
     cfg = dict(train_steps=4, checkpoint_every=2, weighting="normalized")
