@@ -92,7 +92,8 @@ class StudyConfig:
         "help": "weight of the real-tile term, both arms (the preference term's gradient is ~1000x a denoising one)"})
     weighting: str = field(default="binary", metadata={"help": "loop arm's sample weights: reward, binary, normalized"})
     objective: str = field(default="preference", metadata={
-        "help": "loop arm's objective: weighted (reward-weighted likelihood) or preference (Diffusion-DPO on pairs)"})
+        "help": "loop arm's objective: weighted (reward-weighted likelihood), preference (Diffusion-DPO on pairs) or "
+                "kto (Diffusion-KTO on each tile's verdict)"})
     preference_beta: float = field(default=5000.0, metadata={"help": "preference objective's inverse temperature"})
     select_every: int = field(default=25, metadata={
         "help": "loop arm: every N steps score the candidate on fresh samples with the round's reward model; the "
@@ -614,6 +615,11 @@ def run_study(cfg: StudyConfig, out: Path, log: Callable[[str], None] = print) -
                "machine": runs[0]["machine"], "table": "\n\n".join(f"seed {run['config']['seed']}:\n{run['table']}"
                                                                   for run in runs),
                "plots": [p for run in runs for p in run["plots"]]}
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(out / "results.csv", index=False)  # every seed's rows, with their seed
+    (out / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "table"}, indent=1,
+                                                 default=str))
     return results
 
 

@@ -80,7 +80,7 @@ def _raise_first_failed(cfg, checks: list[tuple[bool, str]]) -> None:
 
 WEIGHTINGS = ("reward", "binary", "normalized", "none")
 LR_SCHEDULES = ("constant", "cosine")  # fine-tuning, after the warm-up
-OBJECTIVES = ("weighted", "preference")
+OBJECTIVES = ("weighted", "preference", "kto")
 
 
 @dataclass
@@ -114,10 +114,12 @@ class FinetuneConfig:
     objective: str = field(default="weighted", metadata={
         "help": "weighted: the reward-weighted likelihood (synthetic tiles weighted by plausibility); preference: "
                 "Diffusion-DPO on pairs of a plausible and an implausible sample of the same class against the frozen "
-                "parent (plausible: at or above weighting_threshold), learning from the implausible tiles too; both "
-                "add beta x the real-tile term"})
+                "parent (plausible: at or above weighting_threshold), learning from the implausible tiles too; kto: "
+                "Diffusion-KTO on each tile's own plausible/implausible verdict against the frozen parent, no pairs "
+                "needed, the rarer verdict weighed up; all add beta x the real-tile term"})
     preference_beta: float = field(default=2000.0, metadata={
-        "help": "preference objective's inverse temperature: the larger, the closer the child stays to the parent"})
+        "help": "preference and kto objectives' inverse temperature: the larger, the closer the child stays to the "
+                "parent"})
     weighting_min_ratings: int = field(default=2, metadata={
         "help": "a sample with at least this many current plausible/implausible judgments is weighted by the "
                 "experts' share of plausible, otherwise by the reward model"})
@@ -173,8 +175,8 @@ class FinetuneConfig:
             (self.weighting_min_ratings >= 1, "weighting_min_ratings must be >= 1"),
             (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}"),
             (self.preference_beta > 0, "preference_beta must be > 0"),
-            (self.objective != "preference" or self.weighting != "none",
-             "objective preference needs feedback: weighting none is the weighted objective's control"),
+            (self.objective == "weighted" or self.weighting != "none",
+             f"objective {self.objective} needs feedback: weighting none is the weighted objective's control"),
             (self.samples == "all" or self.samples.isdigit(), "samples must be all or a round number"),
             (self.select_every >= 0, "select_every must be >= 0 (0: off)"),
             (self.select_every == 0 or self.weighting != "none",

@@ -18,6 +18,20 @@ noised with the same ε and t, and the frozen parent ε_ref,
 
 κ (``preference_beta``) sets how far the child may move from the parent: the larger, the
 sooner a pair stops pulling.
+
+The KTO objective (Diffusion-KTO, Li et al. 2024, after Ethayarajh et al.'s KTO) learns from
+each tile's own binary verdict, no pairing: with the implicit reward of a synthetic tile
+
+    r = (κ/2) (‖ε − ε_ref(x̃)‖² − ‖ε − ε_θ(x̃)‖²)      (the model denoises it better than the parent: r > 0)
+
+and the reference point z = max(0, mean r over the batch), detached (KTO's estimate of the
+policy's KL from the reference; the paper draws it from mismatched pairs, here from the batch),
+
+    L = (1/S) Σ [ λ_D (1 − σ(r − z)) if plausible,  λ_U (1 − σ(z − r)) if implausible ]  +  β · real term
+
+λ_D, λ_U weigh the rarer verdict up so that λ_D n_D = λ_U n_U (KTO's advice: that ratio in
+[1, 4/3]); the sigmoid is the Kahneman-Tversky value function of both papers. Because it needs
+no pairs, it also learns from a round whose tiles are all implausible.
 """
 
 from __future__ import annotations
@@ -82,6 +96,42 @@ def preference_loss(pred: torch.Tensor, noise: torch.Tensor, ref_pred: torch.Ten
     synthetic = -torch.nn.functional.logsigmoid(-0.5 * kappa * delta).mean()
     real = err[2 * pairs:].mean()
     return WeightedLoss(synthetic + beta * real, synthetic, real)
+
+
+def kto_weights(desirable: int, undesirable: int) -> tuple[float, float]:
+    """``(λ_D, λ_U)`` for the run's counts of plausible and implausible tiles: the rarer side weighed up so that
+    λ_D·n_D = λ_U·n_U, neither below 1 (a side with no tiles keeps 1)."""
+    if desirable and undesirable:
+        return max(1.0, undesirable / desirable), max(1.0, desirable / undesirable)
+    return 1.0, 1.0
+
+
+def kto_loss(pred: torch.Tensor, noise: torch.Tensor, ref_pred: torch.Tensor, desirable: torch.Tensor, kappa: float,
+             beta: float, lambda_d: float = 1.0, lambda_u: float = 1.0) -> tuple[WeightedLoss, torch.Tensor]:
+    """The KTO objective over one concatenated batch; also returns the share of tiles on their verdict's side of z.
+
+    ``pred``, ``noise``: ``(S + B_r, C, H, W)``, the S synthetic tiles first; ``ref_pred``:
+    ``(S, C, H, W)`` the frozen parent's prediction for them; ``desirable``: ``(S,)`` bool,
+    True where the tile is plausible.
+    """
+    n = desirable.shape[0]
+    if desirable.ndim != 1 or not 0 < n < pred.shape[0]:
+        raise ValueError(f"desirable {tuple(desirable.shape)} must be (S,) with 0 < S < batch {pred.shape[0]}")
+    if ref_pred.shape != pred[:n].shape:
+        raise ValueError(f"reference prediction {tuple(ref_pred.shape)} must be {tuple(pred[:n].shape)}")
+    if kappa <= 0 or beta < 0 or lambda_d <= 0 or lambda_u <= 0:
+        raise ValueError(f"kto needs preference_beta > 0, beta >= 0 and positive weights, not {kappa}, {beta}, "
+                         f"{lambda_d}, {lambda_u}")
+    err = per_sample_error(pred, noise)
+    ref = per_sample_error(ref_pred, noise[:n]).detach()
+    r = 0.5 * kappa * (ref - err[:n])
+    z = r.mean().clamp(min=0).detach()
+    d = desirable.to(r.device)
+    value = torch.where(d, lambda_d * (1 - torch.sigmoid(r - z)), lambda_u * (1 - torch.sigmoid(z - r)))
+    synthetic = value.mean()
+    real = err[n:].mean()
+    right_side = torch.where(d, r > z, r < z).float().mean().detach()
+    return WeightedLoss(synthetic + beta * real, synthetic, real), right_side
 
 
 def pair_accuracy(pred: torch.Tensor, noise: torch.Tensor, ref_pred: torch.Tensor, pairs: int) -> torch.Tensor:

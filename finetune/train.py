@@ -5,7 +5,9 @@ judgments when it has enough ratings, else by the reward model's calibrated prob
 the real set is the workspace's train tiles. Every optimizer step denoises B synthetic and
 B real tiles in one forward pass (``finetune.losses``). With ``objective = "preference"`` the
 B synthetic tiles are B/2 pairs of a plausible and an implausible sample of one class, and
-a frozen copy of the parent denoises the pairs too (Diffusion-DPO). The loop is pretraining's
+a frozen copy of the parent denoises the pairs too (Diffusion-DPO); with ``"kto"`` each of the B
+synthetic tiles carries its own binary verdict and the frozen parent denoises it too
+(Diffusion-KTO). The loop is pretraining's
 (``accumulate`` → ``backward`` → clip on sync → ``step``; EMA; ``save_state`` checkpoints;
 batches and noise a pure function of (seed, step)), and the result is exported as a
 diffusers ``DDPMPipeline`` folder registered as a child ``GeneratorVersion``.
@@ -47,7 +49,15 @@ from finetune.data import (
     step_loader,
     to_model_range,
 )
-from finetune.losses import WeightedLoss, pair_accuracy, preference_loss, reward_weighted_loss, sample_weights
+from finetune.losses import (
+    WeightedLoss,
+    kto_loss,
+    kto_weights,
+    pair_accuracy,
+    preference_loss,
+    reward_weighted_loss,
+    sample_weights,
+)
 from finetune.pretrain import augmented, export_pipeline, noised_batch
 from finetune.registry import load_generator, version_info
 from finetune.runs import (
@@ -301,6 +311,24 @@ def _distrusted_reward(engine: Engine, cfg: FinetuneConfig, reward_id: int | Non
     return None
 
 
+def kto_update(accelerator: Accelerator, unet, reference, optimizer, lr_scheduler, inputs, desirable: torch.Tensor,
+               kappa: float, beta: float, lambdas: tuple[float, float], max_grad_norm: float
+               ) -> tuple[WeightedLoss, torch.Tensor]:
+    """One micro-batch of the KTO objective; the frozen ``reference`` denoises the synthetic tiles without grad."""
+    noisy, t, cls, noise = (v.to(accelerator.device) for v in inputs)
+    n = desirable.shape[0]
+    with torch.no_grad():
+        ref_pred = reference(noisy[:n], t[:n], class_labels=cls[:n]).sample
+    side = {}
+
+    def loss_of(pred):
+        terms, side["right"] = kto_loss(pred, noise, ref_pred, desirable, kappa, beta, *lambdas)
+        return terms
+
+    _, terms = _update(accelerator, unet, optimizer, lr_scheduler, (noisy, t, cls), loss_of, max_grad_norm)
+    return terms, side["right"]
+
+
 def _check_parent(ws: Workspace, parent, classes: list[str]) -> None:
     """Refuse a parent made for other class names, or one that does not predict the noise ε."""
     predicts = parent.scheduler_config.get("prediction_type", "epsilon")
@@ -357,10 +385,15 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
                                        tile_size)
     real = TileSet(tiles.images, tiles.class_ids)
     expert, reward = weight_sources(samples)
-    preference = cfg.objective == "preference"
+    preference, kto = cfg.objective == "preference", cfg.objective == "kto"
     groups = preference_groups(samples, classes, cfg.weighting_threshold) if preference else {}
-    # the frozen parent the preference objective measures against; never trained or prepared
-    reference = copy.deepcopy(parent.unet).eval().requires_grad_(False) if preference else None
+    # each tile's verdict and the weights of the rarer one (kto), fixed for the run
+    plausible = (sample_weights(expert, reward, "binary", cfg.weighting_threshold).bool() if kto
+                 else torch.zeros(len(samples), dtype=torch.bool))
+    n_plausible = int(plausible.sum())
+    kto_lambdas = kto_weights(n_plausible, len(plausible) - n_plausible)
+    # the frozen parent the preference and kto objectives measure against; never trained or prepared
+    reference = copy.deepcopy(parent.unet).eval().requires_grad_(False) if preference or kto else None
     unet = parent.unet.train()
     if cfg.lora_rank:  # adapters on the parent's frozen weights; only they train (finetune/lora.py)
         unet = lora.wrap(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets).train()
@@ -405,7 +438,7 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
 
     bar = tqdm(total=cfg.train_steps, initial=first_step, desc="finetune", unit="step",
                disable=not (progress and accelerator.is_local_main_process))
-    fourth = "pair_accuracy" if preference else "mean_weight"
+    fourth = "pair_accuracy" if preference else "kto_accuracy" if kto else "mean_weight"
     last = {"loss": float("nan"), "loss_synthetic": float("nan"), "loss_real": float("nan"), fourth: float("nan")}
     started = time.time()
     end = cfg.train_steps if stop_after is None else min(cfg.train_steps, stop_after)
@@ -455,6 +488,10 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
             inputs = noised_batch(images, class_ids, scheduler=noise_scheduler, g=ahead.generator(),
                                   null_id=parent.null_id, class_dropout=cfg.train_class_dropout)
             si = torch.as_tensor(ahead.extra)
+            if kto:
+                terms, extra = kto_update(accelerator, unet, reference, optimizer, lr_scheduler, inputs, plausible[si],
+                                          cfg.preference_beta, cfg.beta, kto_lambdas, cfg.train_max_grad_norm)
+                continue
             weights = sample_weights(expert[si], reward[si], cfg.weighting, cfg.weighting_threshold)
             terms = weighted_update(accelerator, unet, optimizer, lr_scheduler, inputs, weights, cfg.beta,
                                     cfg.train_max_grad_norm)
@@ -505,6 +542,9 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
             if preference:
                 info["preference_pairs"] = {c: {"plausible": len(w), "implausible": len(lo)}
                                             for c, (w, lo) in groups.items()}
+            if kto:
+                info["kto"] = {"plausible": n_plausible, "implausible": len(plausible) - n_plausible,
+                               "lambda_plausible": kto_lambdas[0], "lambda_implausible": kto_lambdas[1]}
             info.update({f"final_{k}": v for k, v in last.items()})
             if selection is not None:
                 info["selection"] = selection.record(last_step=cfg.train_steps) | {"stopped_early_at": stopped_early}

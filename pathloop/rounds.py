@@ -64,10 +64,11 @@ class RoundOptions:
     beta: float = field(default=0.3, metadata={"help": "weight of the real-tile denoising term"})
     weighting: str = field(default="reward", metadata={"help": "reward, binary, normalized or none (no feedback)"})
     objective: str = field(default="weighted", metadata={"help": (
-        "fine-tuning objective: weighted (reward-weighted likelihood) or preference (Diffusion-DPO on pairs of a "
-        "plausible and an implausible sample of one class)")})
+        "fine-tuning objective: weighted (reward-weighted likelihood), preference (Diffusion-DPO on pairs of a "
+        "plausible and an implausible sample of one class) or kto (Diffusion-KTO on each sample's own verdict)")})
     preference_beta: float = field(default=2000.0, metadata={
-        "help": "preference objective's inverse temperature: the larger, the closer the child stays to its parent"})
+        "help": "preference and kto objectives' inverse temperature: the larger, the closer the child stays to its "
+                "parent"})
     select_every: int = field(default=0, metadata={"metavar": "N", "help": (
         "every N fine-tuning steps, score the EMA weights on fresh samples with the round's reward model; the "
         "child is the best-scoring candidate, the parent included (0: off, the last step's weights)")})

@@ -25,7 +25,14 @@ from sqlmodel import Session, select
 
 from finetune.config import FinetuneConfig, PretrainConfig
 from finetune.data import PairBatches
-from finetune.losses import pair_accuracy, preference_loss, reward_weighted_loss, sample_weights
+from finetune.losses import (
+    kto_loss,
+    kto_weights,
+    pair_accuracy,
+    preference_loss,
+    reward_weighted_loss,
+    sample_weights,
+)
 from finetune.pretrain import export_pipeline, make_noise_scheduler, pretrain
 from finetune.registry import load_generator
 from finetune.sample import sample_images
@@ -115,6 +122,42 @@ def test_preference_loss_refuses_a_bad_layout():
         preference_loss(pred, noise, pred[:4].detach(), pairs=2, kappa=1.0, beta=0.3)
     with pytest.raises(ValueError, match="reference"):
         preference_loss(pred, noise, pred[:1].detach(), pairs=1, kappa=1.0, beta=0.3)
+
+
+def test_kto_loss_against_hand_worked_values():
+    # Errors are the mean of (pred - noise)² over the tile; noise 0, so err = pred².
+    noise = torch.zeros(3, 1, 1, 1)
+    pred = torch.tensor([1.0, 2.0, 0.5]).reshape(3, 1, 1, 1).requires_grad_()  # 2 synthetic, 1 real
+    ref = torch.tensor([2.0, 1.0]).reshape(2, 1, 1, 1)  # the parent's errors: 4 and 1
+    # r = (κ/2)(ref - err) with κ = 2: [4 - 1, 1 - 4] = [3, -3]; z = max(0, mean r) = 0.
+    # tile 0 plausible: 1 - σ(3 - 0); tile 1 implausible: 1 - σ(0 - (-3)); both 1 - σ(3) = 0.0474259
+    out, right = kto_loss(pred, noise, ref, torch.tensor([True, False]), kappa=2.0, beta=2.0)
+    v = 1 - 1 / (1 + math.exp(-3))
+    assert out.synthetic.item() == pytest.approx(v) and out.real.item() == pytest.approx(0.25)
+    assert out.total.item() == pytest.approx(v + 2.0 * 0.25) and right.item() == 1.0
+    out.total.backward()
+    # the gradient lowers the plausible tile's error and raises the implausible one's
+    assert pred.grad[0].item() > 0 > pred.grad[1].item()
+    # z > 0: errors [1, 1] against the parent's [2, 2] give r = [1, 1] and z = 1, so each term is 1 - σ(0) = 0.5;
+    # with λ_D = 2, λ_U = 1 the synthetic term is (2 × 0.5 + 1 × 0.5) / 2 = 0.75, and neither tile is past z
+    pred2 = torch.tensor([1.0, 1.0, 0.0]).reshape(3, 1, 1, 1)
+    out2, right2 = kto_loss(pred2, noise, torch.tensor([2.0 ** 0.5] * 2).reshape(2, 1, 1, 1),
+                            torch.tensor([True, False]), kappa=2.0, beta=0.0, lambda_d=2.0, lambda_u=1.0)
+    assert out2.synthetic.item() == pytest.approx(0.75) and right2.item() == 0.0
+    # a model equal to its parent: r = 0 = z, every term 1 - σ(0) = 0.5 (times its λ)
+    same, _ = kto_loss(pred.detach(), noise, pred.detach()[:2], torch.tensor([True, True]), kappa=5000.0, beta=0.0)
+    assert same.total.item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="reference"):
+        kto_loss(pred, noise, ref[:1], torch.tensor([True, False]), kappa=2.0, beta=0.0)
+    with pytest.raises(ValueError, match="desirable"):
+        kto_loss(pred, noise, ref, torch.tensor([True, False, True]), kappa=2.0, beta=0.0)
+
+
+def test_kto_weights_weigh_the_rarer_verdict_up():
+    assert kto_weights(4, 12) == (3.0, 1.0)  # λ_D n_D = 12 = λ_U n_U
+    assert kto_weights(12, 4) == (1.0, 3.0)
+    assert kto_weights(5, 5) == (1.0, 1.0)
+    assert kto_weights(0, 9) == (1.0, 1.0)  # every tile implausible: nothing to balance
 
 
 def test_pairs_are_drawn_in_proportion_to_each_class_s_pairs():
@@ -309,6 +352,34 @@ def test_preference_objective_learns_from_pairs_and_records_them(ft_ws):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_kto_objective_learns_from_unpaired_verdicts_and_records_them(ft_ws):
+    ws, engine, parent = ft_ws
+    parent = pretrain(ws, engine, PretrainConfig(train_steps=30, train_batch_size=8, train_learning_rate=3e-3,
+                                                 train_lr_warmup_steps=0, ema_decay=0.1), progress=False)
+    cfg = tiny(train_steps=8, train_batch_size=8, train_learning_rate=3e-3, objective="kto",
+               preference_beta=50.0, beta=0.1, ema_decay=0.1, checkpoint_every=8)
+    child = finetune(ws, engine, cfg, redness, parent_id=parent.id, reward_id=None, round_number=1, progress=False)
+    before, after = fresh_redness(ws, engine, parent.id), fresh_redness(ws, engine, child.id)
+    assert after[1] > before[1] + 0.05, (before, after)  # class "blue" turns red, as with the other objectives
+    c = child.config
+    assert c["objective"] == "kto" and c["kto"] == {"plausible": 8, "implausible": 8, "lambda_plausible": 1.0,
+                                                   "lambda_implausible": 1.0}
+    assert 0 <= c["final_kto_accuracy"] <= 1 and math.isfinite(c["final_loss"])
+    # every tile implausible (a weak generator's round): no pairs, yet KTO trains, pushing away from them
+    everything_blue = lambda images, ids: torch.zeros(len(ids))  # noqa: E731
+    weak = finetune(ws, engine, tiny(objective="kto", preference_beta=50.0, run_name="all-implausible"),
+                    everything_blue, parent_id=parent.id, reward_id=None, progress=False)
+    assert weak.config["kto"]["plausible"] == 0 and weak.config["kto"]["implausible"] == 16
+    # resumed from a checkpoint, the same weights: the frozen reference is the parent again
+    kw = dict(parent_id=parent.id, reward_id=None, progress=False)
+    opts = dict(objective="kto", preference_beta=50.0, train_steps=4, checkpoint_every=2)
+    straight = finetune(ws, engine, tiny(run_name="k1", **opts), redness, **kw)
+    assert finetune(ws, engine, tiny(run_name="k2", **opts), redness, stop_after=2, **kw) is None
+    resumed = finetune(ws, engine, tiny(run_name="k2", **opts), redness, resume="latest", **kw)
+    a, b = unet_weights(ws, straight), unet_weights(ws, resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_preference_objective_needs_both_kinds_in_one_class(ft_ws):
     ws, engine, parent = ft_ws
     everything_red = lambda images, ids: torch.ones(len(ids))  # noqa: E731
@@ -319,8 +390,10 @@ def test_preference_objective_needs_both_kinds_in_one_class(ft_ws):
     assert len(list_generators(engine)) == 1
     with pytest.raises(PathloopError, match="objective preference needs feedback"):
         tiny(objective="preference", weighting="none")
-    with pytest.raises(PathloopError, match="objective must be one of weighted, preference"):
+    with pytest.raises(PathloopError, match="objective must be one of weighted, preference, kto"):
         tiny(objective="dpo")
+    with pytest.raises(PathloopError, match="objective kto needs feedback"):
+        tiny(objective="kto", weighting="none")
 
 
 class Counter:

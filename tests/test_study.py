@@ -86,29 +86,29 @@ def test_one_fast_round_of_the_study_runs_end_to_end(tmp_path):
 
 def test_seeds_and_compared_objectives_each_get_their_own_round_0_and_a_summary_over_seeds(tmp_path):
     out = tmp_path / "study"
-    p = run("--fast", "--seeds", 2, "--compare", "weighted", "--out", out)
+    p = run("--fast", "--seeds", 2, "--compare", "kto", "--out", out, timeout=1500)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["seeds"] == [0, 1] and list(summary["arms"]) == ["loop", "loop-weighted", "control"]
+    assert summary["seeds"] == [0, 1] and list(summary["arms"]) == ["loop", "loop-kto", "control"]
     for seed in (0, 1):
         results = json.loads((out / f"seed-{seed}" / "results.json").read_text())
         rows = results["rows"]
         assert [(r["arm"], r["objective"], r["round"]) for r in rows] == [
-            ("both", "-", 0), ("loop", "preference", 1), ("loop-weighted", "weighted", 1), ("control", "none", 1)]
+            ("both", "-", 0), ("loop", "preference", 1), ("loop-kto", "kto", 1), ("control", "none", 1)]
         assert {r["seed"] for r in rows} == {seed} and results["config"]["seed"] == seed
         for r in rows:  # bootstrap intervals around FID and coverage
             assert r["fid_low"] <= r["fid"] <= r["fid_high"] and r["coverage_low"] <= r["coverage_high"]
-        for arm in ("loop", "loop-weighted", "control"):  # the summary's gain is this seed's last round - round 0
+        for arm in ("loop", "loop-kto", "control"):  # the summary's gain is this seed's last round - round 0
             (last,) = [r for r in rows if r["arm"] == arm]
             (entry,) = [e for e in summary["arms"][arm]["per_seed"] if e["seed"] == seed]
             assert entry["gain"] == pytest.approx(last["plausibility"] - rows[0]["plausibility"])
         # the compared arm ran its round in its own copy of the workspace, from the same round 0
-        copy = make_engine(f"sqlite:///{out / f'seed-{seed}' / 'workspace-weighted' / 'pathloop.db'}")
+        copy = make_engine(f"sqlite:///{out / f'seed-{seed}' / 'workspace-kto' / 'pathloop.db'}")
         with Session(copy) as s:
             (round1,) = s.exec(select(Round)).all()
             child = s.get(GeneratorVersion, round1.generator_out_id)
         copy.dispose()
-        assert child.config["objective"] == "weighted" and child.parent_id == rows[0]["generator_id"]
+        assert child.config["objective"] == "kto" and child.parent_id == rows[0]["generator_id"]
     # two seeds' round-0 generators differ (their own pretraining seed)
     r0 = [json.loads((out / f"seed-{k}" / "results.json").read_text())["rows"][0]["fid"] for k in (0, 1)]
     assert r0[0] != r0[1]
