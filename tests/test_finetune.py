@@ -283,15 +283,29 @@ def unet_weights(ws, version) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- the loop
 
 
+def learned_parent(ws, engine):
+    """A parent that has begun to learn the tiles' colours (an untrained one makes grey noise)."""
+    return pretrain(ws, engine, PretrainConfig(train_steps=30, train_batch_size=8, train_learning_rate=3e-3,
+                                               train_lr_warmup_steps=0, ema_decay=0.1), progress=False)
+
+
+def learns_redness(ws, engine, parent, **objective):
+    """Fine-tune ``parent`` 8 steps on the redness reward; the child, after checking class "blue" turned red."""
+    cfg = tiny(train_steps=8, train_batch_size=8, train_learning_rate=3e-3, preference_beta=50.0, beta=0.1,
+               ema_decay=0.1, checkpoint_every=8, **objective)
+    child = finetune(ws, engine, cfg, redness, parent_id=parent.id, reward_id=None, round_number=1, progress=False)
+    before, after = fresh_redness(ws, engine, parent.id), fresh_redness(ws, engine, child.id)
+    assert after[1] > before[1] + 0.05, (before, after)  # even class "blue" turns red
+    return child
+
+
 def test_toy_reward_rises_and_the_child_records_its_lineage(ft_ws):
     ws, engine, parent = ft_ws
     # Two samples (ids 1 and 2: a red one and a blue one) have enough ratings: the experts decide
     # their weight (the blue one is called plausible, against the reward); the rest get redness.
     used = judge_all(engine, [1, 2], ["plausible", "plausible"])
     judge_all(engine, [3], ["implausible"])  # one rating: below the minimum, the reward decides
-    # A parent that has begun to learn the tiles' colours (an untrained one makes grey noise).
-    parent = pretrain(ws, engine, PretrainConfig(train_steps=30, train_batch_size=8, train_learning_rate=3e-3,
-                                                 train_lr_warmup_steps=0, ema_decay=0.1), progress=False)
+    parent = learned_parent(ws, engine)
     cfg = tiny(train_steps=8, train_batch_size=8, train_learning_rate=3e-3, weighting="binary", beta=0.1,
                ema_decay=0.1, checkpoint_every=8)
     child = finetune(ws, engine, cfg, redness, parent_id=parent.id, reward_id=None, round_number=1, progress=False)
@@ -329,13 +343,8 @@ def test_preference_objective_learns_from_pairs_and_records_them(ft_ws):
     ws, engine, parent = ft_ws
     # Every sample weighted by redness: per class the red samples are the plausible side of a
     # pair, the blue ones the implausible side. Class "blue" must turn red, as with the weights.
-    parent = pretrain(ws, engine, PretrainConfig(train_steps=30, train_batch_size=8, train_learning_rate=3e-3,
-                                                 train_lr_warmup_steps=0, ema_decay=0.1), progress=False)
-    cfg = tiny(train_steps=8, train_batch_size=8, train_learning_rate=3e-3, objective="preference",
-               preference_beta=50.0, beta=0.1, ema_decay=0.1, checkpoint_every=8)
-    child = finetune(ws, engine, cfg, redness, parent_id=parent.id, reward_id=None, round_number=1, progress=False)
-    before, after = fresh_redness(ws, engine, parent.id), fresh_redness(ws, engine, child.id)
-    assert after[1] > before[1] + 0.05, (before, after)
+    parent = learned_parent(ws, engine)
+    child = learns_redness(ws, engine, parent, objective="preference")
     c = child.config
     assert (c["objective"], c["preference_beta"]) == ("preference", 50.0)
     assert c["preference_pairs"] == {"red": {"plausible": 4, "implausible": 4},
@@ -354,13 +363,8 @@ def test_preference_objective_learns_from_pairs_and_records_them(ft_ws):
 
 def test_kto_objective_learns_from_unpaired_verdicts_and_records_them(ft_ws):
     ws, engine, parent = ft_ws
-    parent = pretrain(ws, engine, PretrainConfig(train_steps=30, train_batch_size=8, train_learning_rate=3e-3,
-                                                 train_lr_warmup_steps=0, ema_decay=0.1), progress=False)
-    cfg = tiny(train_steps=8, train_batch_size=8, train_learning_rate=3e-3, objective="kto",
-               preference_beta=50.0, beta=0.1, ema_decay=0.1, checkpoint_every=8)
-    child = finetune(ws, engine, cfg, redness, parent_id=parent.id, reward_id=None, round_number=1, progress=False)
-    before, after = fresh_redness(ws, engine, parent.id), fresh_redness(ws, engine, child.id)
-    assert after[1] > before[1] + 0.05, (before, after)  # class "blue" turns red, as with the other objectives
+    parent = learned_parent(ws, engine)
+    child = learns_redness(ws, engine, parent, objective="kto")  # unpaired verdicts move it as pairs do
     c = child.config
     assert c["objective"] == "kto" and c["kto"] == {"plausible": 8, "implausible": 8, "lambda_plausible": 1.0,
                                                    "lambda_implausible": 1.0}
