@@ -171,7 +171,7 @@ def _quiet_revision(engine):
 def cmd_demo_slide(args) -> int:
     from pathloop.demo import write_demo_slide
 
-    tiff, geojson = write_demo_slide(Path(args.out))
+    tiff, geojson = write_demo_slide(Path(args.out), stain=args.stain)
     print(f"wrote {tiff} and {geojson}")
     return 0
 
@@ -722,6 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write scikit-image's immunohistochemistry image as a tiled pyramidal TIFF "
                                    "that OpenSlide opens, and OUT.geojson classing its tissue by DAB stain.")
     p.add_argument("out", metavar="OUT.tiff")
+    p.add_argument("--stain", choices=["ihc", "he"], default="ihc",
+                   help="ihc: the image as shipped (dab_positive/dab_negative); he: recoloured to H&E by colour "
+                        "deconvolution (nuclei_dense/stroma) - real morphology, not a real H&E stain")
     p.set_defaults(func=cmd_demo_slide)
 
     p = sub.add_parser("ingest", help="tile whole-slide images into the workspace", parents=[ws],
