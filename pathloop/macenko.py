@@ -10,7 +10,9 @@ import numpy as np
 
 from store.errors import PathloopError
 
-OD_MIN = 0.15  # pixels with a smaller OD in every channel are background (near white)
+# Pixels whose OD vector is shorter are background (near white). A norm, not Macenko's
+# every-channel threshold: that one drops pure pixels of a stain that barely absorbs one colour.
+OD_MIN = 0.15
 
 
 def optical_density(rgb: np.ndarray) -> np.ndarray:
@@ -22,7 +24,7 @@ def macenko_matrix(rgb: np.ndarray, alpha: float = 1.0) -> np.ndarray:
     """``(N, H, W, 3)`` or ``(H, W, 3)`` uint8 tissue → ``(2, 3)`` unit stain vectors (OD space), rows ordered
     by their red OD (haematoxylin-like, the blue stain, first: it absorbs red most)."""
     od = optical_density(rgb).reshape(-1, 3)
-    od = od[np.all(od > OD_MIN, axis=1)]
+    od = od[np.linalg.norm(od, axis=1) > OD_MIN]
     if len(od) < 10:
         raise PathloopError(f"only {len(od)} tissue pixels; Macenko stain estimation needs at least 10")
     # The plane of the two largest principal directions of OD (about the origin, as Macenko does).
