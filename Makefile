@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PATHLOOP := $(VENV)/bin/pathloop
 DEMO ?= demo-workspace
+DEMO_HE ?= demo-he-workspace
 DEMO_STEPS ?= 450
 DEMO_HOST ?= 127.0.0.1
 DEMO_PORT ?= 8501
@@ -23,7 +24,7 @@ STAMP := $(VENV)/.installed
 STUDY ?= study
 STUDY_ARGS ?=
 
-.PHONY: demo test install lint study bench-ingest bench-loader bench-generator bench-queue bench-reward bench-finetune clean-demo
+.PHONY: demo demo-he bench-expert test install lint study bench-ingest bench-loader bench-generator bench-queue bench-reward bench-finetune clean-demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +71,17 @@ demo: $(STAMP)
 			$(PATHLOOP) users password $$name --generate-password --workspace $(DEMO); \
 		else $(PATHLOOP) users add $$name --role $$role --generate-password --workspace $(DEMO); fi; done
 	$(PATHLOOP) annotate --workspace $(DEMO) --host $(DEMO_HOST) --port $(DEMO_PORT)
+
+# The H&E workspace (recoloured IHC, nuclei_dense/stroma regions; see README), tiled as the demo.
+demo-he: $(STAMP)
+	@test -f $(DEMO_HE)/pathloop.toml || $(PATHLOOP) init $(DEMO_HE) --classes nuclei_dense,stroma --tile-size 32
+	$(PATHLOOP) db upgrade --workspace $(DEMO_HE)
+	@mkdir -p $(DEMO_HE)/slides
+	$(PATHLOOP) demo-slide --stain he $(DEMO_HE)/slides/he.tiff
+	$(PATHLOOP) ingest --workspace $(DEMO_HE) $(DEMO_HE)/slides/he.tiff --regions $(DEMO_HE)/slides/he.geojson --stride 16
+
+bench-expert: $(STAMP)
+	$(PY) -m benchmarks.simulated_expert
 
 test: $(STAMP)
 	$(PY) -m pytest -q

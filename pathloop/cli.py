@@ -171,7 +171,7 @@ def _quiet_revision(engine):
 def cmd_demo_slide(args) -> int:
     from pathloop.demo import write_demo_slide
 
-    tiff, geojson = write_demo_slide(Path(args.out))
+    tiff, geojson = write_demo_slide(Path(args.out), stain=args.stain)
     print(f"wrote {tiff} and {geojson}")
     return 0
 
@@ -646,7 +646,7 @@ def cmd_simulate_expert(args) -> int:
 
     ws, engine = _open(args)
     r = simulate(ws, engine, raters=args.raters, max_per_rater=args.max, noise=args.noise, seed=args.seed,
-                 fit_per_class=args.fit_per_class)
+                 fit_per_class=args.fit_per_class, rules=args.rules)
     share = f"{100 * r.plausible / r.judgments:.0f}%" if r.judgments else "-"
     print(f"simulated expert: {r.judgments} judgments by {args.raters} rater(s), {share} plausible, "
           f"{r.controls} on control tiles")
@@ -726,6 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write scikit-image's immunohistochemistry image as a tiled pyramidal TIFF "
                                    "that OpenSlide opens, and OUT.geojson classing its tissue by DAB stain.")
     p.add_argument("out", metavar="OUT.tiff")
+    p.add_argument("--stain", choices=["ihc", "he"], default="ihc",
+                   help="ihc: the image as shipped (dab_positive/dab_negative); he: recoloured to H&E by colour "
+                        "deconvolution (nuclei_dense/stroma) - real morphology, not a real H&E stain")
     p.set_defaults(func=cmd_demo_slide)
 
     p = sub.add_parser("ingest", help="tile whole-slide images into the workspace", parents=[ws],
@@ -940,14 +943,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate-expert", help="rate the queue with a programmatic expert (demo, study)",
                        parents=[ws], description="A documented rule-based rater (pathloop/simulate.py): plausible "
-                       "only when DAB level, colour statistics and texture fit the real train tiles of the class the "
-                       "tile is shown as. Writes ordinary judgments as sim-expert-1, -2, ... through the queue.")
+                       "only when stain levels (Macenko deconvolution), colour, texture and a classifier fit the real train "
+                       "tiles of the class the tile is shown as (--rules ihc-legacy: the old DAB rules). Writes ordinary judgments as sim-expert-1, -2, ... through the queue.")
     p.add_argument("--raters", type=_positive_int, default=1, help="simulated raters (default 1)")
     p.add_argument("--max", type=_positive_int, metavar="N", help="at most N ratings per rater (default: until empty)")
     p.add_argument("--noise", type=float, default=0.0, metavar="P", help="share of verdicts flipped (default 0)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the noise and the queue order")
     p.add_argument("--fit-per-class", type=_positive_int, default=2000, metavar="N",
                    help="fit the rules on at most N real train tiles per class (default 2000)")
+    p.add_argument("--rules", choices=["stain", "ihc-legacy"], default="stain",
+                   help="stain: stain-agnostic rules fitted on the workspace (default); ihc-legacy: DAB rules of the "
+                        "IHC demo")
     p.set_defaults(func=cmd_simulate_expert)
 
     from pathloop.evaluate_config import EvaluateConfig

@@ -22,7 +22,9 @@ from skimage import color, data, filters
 from store.errors import PathloopError
 from store.slides import rgb_tissue_mask
 
-CLASS_COLORS = {"dab_positive": (153, 102, 51), "dab_negative": (68, 114, 196)}
+CLASS_COLORS = {"dab_positive": (153, 102, 51), "dab_negative": (68, 114, 196),
+                "nuclei_dense": (72, 61, 139), "stroma": (219, 112, 147)}
+STAINS = ("ihc", "he")
 SOURCE_SIZE = 512  # skimage.data.immunohistochemistry() is 512x512 RGB
 
 
@@ -66,6 +68,30 @@ def stain_masks(rgb: np.ndarray) -> dict[str, np.ndarray]:
     return {"dab_positive": positive, "dab_negative": tissue & ~positive}
 
 
+def recolour_he(rgb: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` uint8 IHC (haematoxylin + DAB) → the same tissue recoloured as H&E.
+
+    Colour deconvolution (Ruifrok & Johnston, ``rgb2hed``) gives the haematoxylin and DAB
+    concentrations; haematoxylin is kept, eosin is the DAB signal plus a faint counterstain on
+    all tissue (eosin stains every cytoplasm and stroma), and both are recombined with the
+    standard H&E vectors. Real morphology, H&E colours; it is not a real H&E stain.
+    """
+    hed = color.rgb2hed(rgb)
+    tissue = filters.gaussian(rgb_tissue_mask(rgb).astype(float), sigma=2)
+    eosin = 0.6 * np.clip(hed[..., 2], 0, None) + 0.12 * tissue
+    he = np.stack([np.clip(hed[..., 0], 0, None) * 1.2, eosin, np.zeros_like(eosin)], axis=-1)
+    return np.round(np.clip(color.hed2rgb(he), 0, 1) * 255).astype(np.uint8)
+
+
+def he_masks(rgb: np.ndarray) -> dict[str, np.ndarray]:
+    """``(H, W)`` bool masks of nuclei-dense tissue and stroma in an ``(H, W, 3)`` H&E image: smoothed
+    haematoxylin (σ = 4 px) above its Otsu threshold over tissue is nuclei-dense, the rest stroma."""
+    tissue = rgb_tissue_mask(rgb)
+    haem = filters.gaussian(color.rgb2hed(rgb)[..., 0], sigma=4)
+    dense = tissue & (haem > filters.threshold_otsu(haem[tissue]))
+    return {"nuclei_dense": dense, "stroma": tissue & ~dense}
+
+
 def mask_to_geometry(mask: np.ndarray, cell: int = 4) -> shapely.Geometry:
     """Polygon or MultiPolygon (with holes) covering a ``(H, W)`` bool mask, in its pixel coordinates.
 
@@ -98,14 +124,19 @@ def _feature(name: str, geometry: shapely.Geometry) -> dict:
     }
 
 
-def write_demo_slide(out_tiff) -> tuple[Path, Path]:
-    """Write the 512x512 IHC image as a 3-level tiled TIFF and its stain regions beside it.
+def write_demo_slide(out_tiff, stain: str = "ihc") -> tuple[Path, Path]:
+    """Write the 512x512 IHC image as a 3-level tiled TIFF and its regions beside it.
 
+    ``stain="ihc"``: as shipped, regions ``dab_positive``/``dab_negative``; ``stain="he"``:
+    recoloured to H&E (``recolour_he``), regions ``nuclei_dense``/``stroma`` (``he_masks``).
     Returns ``(tiff path, geojson path)``; the GeoJSON has the same stem. No mpp is written
     because the source does not state one.
     """
+    if stain not in STAINS:
+        raise PathloopError(f"stain {stain!r}; expected one of {', '.join(STAINS)}")
     out = _check_out(out_tiff)
-    rgb = data.immunohistochemistry()
+    rgb = data.immunohistochemistry() if stain == "ihc" else recolour_he(data.immunohistochemistry())
+    masks = stain_masks(rgb) if stain == "ihc" else he_masks(rgb)
 
     def write_tiff(tmp: Path) -> None:
         with tifffile.TiffWriter(tmp) as tif:
@@ -119,7 +150,7 @@ def write_demo_slide(out_tiff) -> tuple[Path, Path]:
                     subfiletype=0 if i == 0 else 1,
                 )
 
-    features = [_feature(name, mask_to_geometry(mask)) for name, mask in stain_masks(rgb).items()]
+    features = [_feature(name, mask_to_geometry(mask)) for name, mask in masks.items()]
     geojson = out.with_suffix(".geojson")
     _write_atomically(out, write_tiff)
     _write_atomically(
