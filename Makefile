@@ -24,7 +24,7 @@ STAMP := $(VENV)/.installed
 STUDY ?= study
 STUDY_ARGS ?=
 
-.PHONY: demo demo-he bench-expert test install lint study bench-ingest bench-loader bench-generator bench-queue bench-reward bench-finetune clean-demo
+.PHONY: demo demo-he bench-expert test install lint study study-seeds bench-ingest bench-loader bench-generator bench-queue bench-reward bench-finetune clean-demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -89,10 +89,19 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check store annotate_app reward finetune pathloop tests benchmarks
 
-# The loop study (benchmarks/loop_study.py): loop vs control from a fresh generator, 31 minutes
-# on the 2 CPU cores of its last run (docs/study/); results and plots in $(STUDY)/. STUDY_ARGS="--rounds 5" etc. to change it.
+# The loop study (benchmarks/loop_study.py): loop vs control from a fresh generator, on the IHC demo
+# slide and on its H&E recolouring, one seed each at 2 rounds (about 15 minutes each on 2 CPU
+# cores: a seed of the last three-seed run took 15-28 minutes on a shared machine); results in
+# $(STUDY)/ihc and $(STUDY)/he. study-seeds: three seeds each, with the gain's interval over seeds
+# (about 1.5 hours per slide on 2 CPU cores). STUDY_ARGS="--compare kto,weighted" etc. to change them.
+STUDY_SETTINGS := --rounds 2 --eval-per-class 48
 study: $(STAMP)
-	$(PY) benchmarks/loop_study.py --out $(STUDY) $(STUDY_ARGS)
+	$(PY) benchmarks/loop_study.py --slide ihc --out $(STUDY)/ihc $(STUDY_SETTINGS) $(STUDY_ARGS)
+	$(PY) benchmarks/loop_study.py --slide he --out $(STUDY)/he $(STUDY_SETTINGS) $(STUDY_ARGS)
+
+study-seeds: $(STAMP)
+	$(PY) benchmarks/loop_study.py --slide ihc --seeds 3 --out $(STUDY)/ihc-seeds $(STUDY_SETTINGS) $(STUDY_ARGS)
+	$(PY) benchmarks/loop_study.py --slide he --seeds 3 --out $(STUDY)/he-seeds $(STUDY_SETTINGS) $(STUDY_ARGS)
 
 bench-ingest: $(STAMP)
 	$(PY) benchmarks/ingest.py

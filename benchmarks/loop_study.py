@@ -65,6 +65,7 @@ import torch
 from store.errors import PathloopError
 
 CLASSES = ["dab_negative", "dab_positive"]
+SLIDE_CLASSES = {"ihc": CLASSES, "he": ["nuclei_dense", "stroma"]}
 
 
 @dataclass
@@ -105,6 +106,11 @@ class StudyConfig:
     eval_per_class: int = field(default=64, metadata={"help": "fresh samples per class and version in the final evaluation"})
     utility_epochs: int = field(default=30, metadata={"help": "epochs of the downstream-utility classifiers"})
     seed: int = field(default=0, metadata={"help": "base seed of everything"})
+    slide: str = field(default="ihc", metadata={
+        "help": "the workspace's slide: ihc (the demo slide, dab_negative/dab_positive) or he (the same tissue "
+                "recoloured as H&E, nuclei_dense/stroma; see pathloop demo-slide --stain he)"})
+    expert_rules: str = field(default="stain", metadata={
+        "help": "the simulated expert's rules: stain (stain-agnostic) or ihc-legacy (the IHC demo's own)"})
     seeds: int = field(default=1, metadata={
         "help": "independent repeats, each from its own round-0 generator (seeds seed, seed+1, ...): the gains get "
                 "a 95 percent interval over seeds"})
@@ -119,6 +125,8 @@ class StudyConfig:
         if self.weighting not in ("reward", "binary", "normalized"):
             raise PathloopError(f"weighting {self.weighting!r}; the loop arm needs reward, binary or normalized "
                                 "(none is the control arm's)")
+        if self.slide not in SLIDE_CLASSES:
+            raise PathloopError(f"slide {self.slide!r}; expected one of {', '.join(SLIDE_CLASSES)}")
         if not 0 <= self.noise <= 0.5:
             raise PathloopError(f"noise = {self.noise}; expected a share of flipped verdicts in [0, 0.5]")
         from finetune.unet import check_size
@@ -154,8 +162,9 @@ def make_workspace(out: Path, cfg: StudyConfig, log: Callable[[str], None]):
     from store.workspace import Settings, Workspace
 
     (out / "slides").mkdir(parents=True)
-    tiff, geojson = write_demo_slide(out / "slides" / "ihc.tiff")
-    ws = Workspace.create(out / "workspace", Settings(classes=CLASSES, tile_size=cfg.tile_size, overlap=1,
+    tiff, geojson = write_demo_slide(out / "slides" / f"{cfg.slide}.tiff", stain=cfg.slide)
+    ws = Workspace.create(out / "workspace", Settings(classes=SLIDE_CLASSES[cfg.slide], tile_size=cfg.tile_size,
+                                                      overlap=1,
                                                       control_share=0.0, round_min_judgments=cfg.rate))
     engine = make_engine(ws.database_url)
     upgrade(engine)
@@ -169,7 +178,7 @@ def evaluate_config(cfg: StudyConfig):
     from pathloop.evaluate_config import EvaluateConfig
 
     return EvaluateConfig(per_class=cfg.eval_per_class, sampler=cfg.sampler, steps=cfg.sample_steps, seed=cfg.seed,
-                          utility_epochs=cfg.utility_epochs, simulated_expert=True)
+                          utility_epochs=cfg.utility_epochs, simulated_expert=True, expert_rules=cfg.expert_rules)
 
 
 def round_options(cfg: StudyConfig):
@@ -190,10 +199,10 @@ def round_options(cfg: StudyConfig):
 def run_loop(ws, engine, cfg: StudyConfig, timings: dict, log: Callable[[str], None], arm: str = "loop") -> list[dict]:
     """A loop arm through ``pathloop.rounds``, the simulated expert rating each round: one dict per round."""
     from pathloop import rounds
-    from pathloop.simulate import SimulatedExpert, simulate
+    from pathloop.simulate import fit_expert, simulate
     from store.generators import get_generator
 
-    expert = SimulatedExpert.fit(ws, engine)
+    expert = fit_expert(ws, engine, cfg.expert_rules)
     options = asdict(round_options(cfg))
     out = []
     for number in range(1, cfg.rounds + 1):

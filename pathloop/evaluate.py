@@ -381,9 +381,10 @@ def evaluate(ws: Workspace, engine: Engine, cfg: EvaluateConfig, *, model: int |
                             f"{reward_fn.image_size} px; expected the workspace's {', '.join(classes)} at {size} px")
     judge = None  # fitted before anything is trained or cached, so a misfit writes nothing
     if cfg.simulated_expert:
-        from pathloop.simulate import SimulatedExpert
+        from pathloop.simulate import SimulatedExpert, StainExpert
 
-        judge = SimulatedExpert.from_tiles(train_x, train_y, classes, list(ws.settings.criteria))  # = fit()
+        rules = StainExpert if cfg.expert_rules == "stain" else SimulatedExpert
+        judge = rules.from_tiles(train_x, train_y, classes, list(ws.settings.criteria))  # = fit()
     if not cfg.features.startswith("timm:"):
         extractor, info = workspace_extractor(ws, train_ids.tolist(), train_x, train_y)
         if info.trained_now:

@@ -36,6 +36,9 @@ class EvaluateConfig:
         "help": "also rate the fresh samples with the simulated expert (pathloop/simulate.py), fitted on the real "
                 "train tiles: its plausibility with Wilson intervals, for the demo and the study"})
 
+    expert_rules: str = field(default="stain", metadata={
+        "help": "rules of the simulated expert: stain (stain-agnostic, the default) or ihc-legacy (the IHC demo's)"})
+
     def __post_init__(self) -> None:
         for name in ("per_class", "steps", "nearest_k", "utility_epochs", "real_per_class"):
             if getattr(self, name) < 1:
@@ -51,5 +54,7 @@ class EvaluateConfig:
         if self.simulated_expert and self.real_per_class < 5:
             raise PathloopError(f"real_per_class = {self.real_per_class}; the simulated expert needs at least 5 "
                                 f"real train tiles of each class")
+        if self.expert_rules not in ("stain", "ihc-legacy"):
+            raise PathloopError(f"expert_rules {self.expert_rules!r}; expected stain or ihc-legacy")
         if self.features != "workspace" and not self.features.startswith("timm:"):
             raise PathloopError(f"--features {self.features!r}; expected workspace or timm:NAME")
