@@ -102,6 +102,10 @@ class StudyConfig:
     select_per_class: int = field(default=16, metadata={"help": "loop arm: fresh samples per class of each check"})
     select_steps: int = field(default=50, metadata={"help": "loop arm: sampler steps of each check"})
     select_patience: int = field(default=2, metadata={"help": "loop arm: stop after N checks without a better score"})
+    select_min_auc: float = field(default=0.65, metadata={
+        "help": "loop arm, round-1 guard: a reward model below this held-out ROC-AUC does not select"})
+    select_min_gain: float = field(default=0.01, metadata={
+        "help": "loop arm, round-1 guard: checks spread by less than this do not select"})
     round_eval_per_class: int = field(default=8, metadata={"help": "fresh samples per class of each round's own check"})
     eval_per_class: int = field(default=64, metadata={"help": "fresh samples per class and version in the final evaluation"})
     utility_epochs: int = field(default=30, metadata={"help": "epochs of the downstream-utility classifiers"})
@@ -146,9 +150,10 @@ class StudyConfig:
 
 # Every stage in seconds, for an end-to-end test of the study's plumbing (not of its outcome). A
 # 2-step generator makes noise the expert rejects; flipped verdicts give the reward model both kinds.
+# Its 1-epoch reward model is noise: the round-1 guard is off so that the selection checks run.
 FAST = dict(rounds=1, rate=16, per_class=8, noise=0.3, pretrain_steps=2, sample_steps=4, reward_backbone="test_resnet",
             reward_epochs=1, finetune_steps=2, finetune_batch_size=4, select_every=1, select_per_class=2, select_steps=2,
-            round_eval_per_class=2, eval_per_class=4, utility_epochs=1)
+            round_eval_per_class=2, eval_per_class=4, utility_epochs=1, select_min_auc=0.0, select_min_gain=0.0)
 
 
 # ---------------------------------------------------------------- the two arms
@@ -193,6 +198,7 @@ def round_options(cfg: StudyConfig):
                         objective=cfg.objective, preference_beta=cfg.preference_beta,
                         select_every=cfg.select_every, select_per_class=cfg.select_per_class,
                         select_steps=cfg.select_steps, select_patience=cfg.select_patience,
+                        select_min_auc=cfg.select_min_auc, select_min_gain=cfg.select_min_gain,
                         eval_per_class=max(2, cfg.round_eval_per_class), seed=cfg.seed)
 
 

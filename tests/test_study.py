@@ -76,6 +76,7 @@ def test_one_fast_round_of_the_study_runs_end_to_end(tmp_path):
     assert loop_child.config["weight_sources"]["experts"] == 16
     # the loop's child is the best of its checked candidates (steps 0, 1, 2); the control selects nothing
     assert [h["step"] for h in loop_child.config["selection"]["history"]] == [0, 1, 2]
+    assert loop_child.config["selection"]["rule"] == "reward"  # the fast settings turn the round-1 guard off
     assert rows[1]["selected_step"] == loop_child.config["selection"]["selected_step"]
     assert "selection" not in control_child.config
     assert len(judgments) == 16 and {name for _, name in judgments} == {"sim-expert-1"}
