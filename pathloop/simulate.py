@@ -74,6 +74,19 @@ def tile_features(rgb: np.ndarray) -> np.ndarray:
     return np.array([dab, *x.mean(axis=(0, 1)), *x.std(axis=(0, 1)), rough], dtype=np.float64)
 
 
+def train_subsample(ws: Workspace, engine: Engine, per_class: int | None):
+    """``(image column, class ids)`` of at most ``per_class`` real train tiles per class (None: all), the same
+    choice as `pathloop evaluate`; pixels are read later, in batches."""
+    from pathloop.features import real_subsample
+
+    if per_class is not None and per_class < 5:
+        raise PathloopError(f"per_class = {per_class}; the simulated expert needs at least 5 real train tiles "
+                            f"of each class")
+    table = tile_table(ws, engine, "train")
+    pos = real_subsample(table.tile_ids, table.class_ids, per_class)
+    return table.images.take(pos), table.class_ids[pos]
+
+
 @dataclass
 class SimulatedExpert:
     """Rules fitted on real tiles; ``judge`` gives (verdict, reasons)."""
@@ -89,19 +102,13 @@ class SimulatedExpert:
     @classmethod
     def fit(cls, ws: Workspace, engine: Engine, per_class: int | None = REAL_PER_CLASS) -> SimulatedExpert:
         """Fitted on at most ``per_class`` real train tiles of each class (None: all), read in batches."""
-        from pathloop.features import real_subsample  # the same choice as `pathloop evaluate`
-
-        if per_class is not None and per_class < 5:
-            raise PathloopError(f"per_class = {per_class}; the simulated expert needs at least 5 real train tiles "
-                                f"of each class")
-        table = tile_table(ws, engine, "train")
-        pos = real_subsample(table.tile_ids, table.class_ids, per_class)
-        images = table.images.take(pos)
+        images, labels = train_subsample(ws, engine, per_class)
+        pos = range(len(labels))
         feats = np.zeros((len(pos), 8))
         for i in range(0, len(pos), 256):
             chunk = images.batch(range(i, min(i + 256, len(pos))))
             feats[i:i + len(chunk)] = [tile_features(rgb) for rgb in chunk]
-        return cls.from_features(feats, table.class_ids[pos], list(ws.settings.classes), list(ws.settings.criteria))
+        return cls.from_features(feats, labels, list(ws.settings.classes), list(ws.settings.criteria))
 
     @classmethod
     def from_tiles(cls, images: np.ndarray, labels: np.ndarray, classes: list[str], criteria: list[str]
@@ -193,16 +200,10 @@ class StainExpert:
     @classmethod
     def fit(cls, ws: Workspace, engine: Engine, per_class: int | None = REAL_PER_CLASS) -> StainExpert:
         """Fitted on at most ``per_class`` real train tiles of each class (None: all)."""
-        from pathloop.features import real_subsample
-
-        if per_class is not None and per_class < 5:
-            raise PathloopError(f"per_class = {per_class}; the simulated expert needs at least 5 real train tiles "
-                                f"of each class")
-        table = tile_table(ws, engine, "train")
-        pos = real_subsample(table.tile_ids, table.class_ids, per_class)
-        images = table.images.take(pos)
-        tiles = np.concatenate([images.batch(range(i, min(i + 256, len(pos)))) for i in range(0, len(pos), 256)])
-        return cls.from_tiles(tiles, table.class_ids[pos], list(ws.settings.classes), list(ws.settings.criteria))
+        images, labels = train_subsample(ws, engine, per_class)
+        n = len(labels)
+        tiles = np.concatenate([images.batch(range(i, min(i + 256, n))) for i in range(0, n, 256)])
+        return cls.from_tiles(tiles, labels, list(ws.settings.classes), list(ws.settings.criteria))
 
     @classmethod
     def from_tiles(cls, images: np.ndarray, labels: np.ndarray, classes: list[str], criteria: list[str]
