@@ -62,10 +62,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
+from pathloop.demo import STAIN_CLASSES as SLIDE_CLASSES
 from store.errors import PathloopError
 
-CLASSES = ["dab_negative", "dab_positive"]
-SLIDE_CLASSES = {"ihc": CLASSES, "he": ["nuclei_dense", "stroma"]}
+CLASSES = SLIDE_CLASSES["ihc"]
 
 
 @dataclass
@@ -161,20 +161,10 @@ FAST = dict(rounds=1, rate=16, per_class=8, noise=0.3, pretrain_steps=2, sample_
 
 def make_workspace(out: Path, cfg: StudyConfig, log: Callable[[str], None]):
     """A new workspace of the demo slide's tiles; every rated tile is rated once, no control tiles."""
-    from pathloop.demo import write_demo_slide
-    from store.db import make_engine, upgrade
-    from store.ingest import ingest_slides
-    from store.workspace import Settings, Workspace
+    from pathloop.demo import demo_workspace
 
-    (out / "slides").mkdir(parents=True)
-    tiff, geojson = write_demo_slide(out / "slides" / f"{cfg.slide}.tiff", stain=cfg.slide)
-    ws = Workspace.create(out / "workspace", Settings(classes=SLIDE_CLASSES[cfg.slide], tile_size=cfg.tile_size,
-                                                      overlap=1,
-                                                      control_share=0.0, round_min_judgments=cfg.rate))
-    engine = make_engine(ws.database_url)
-    upgrade(engine)
-    report = ingest_slides(ws, engine, [tiff], regions=geojson, stride=cfg.tile_size // 2, workers=1)
-    log(f"workspace {ws.root}: {sum(r.tiles_added for r in report)} real tiles from the demo slide")
+    ws, engine, added = demo_workspace(out, cfg.slide, cfg.tile_size, overlap=1, round_min_judgments=cfg.rate)
+    log(f"workspace {ws.root}: {added} real tiles from the demo slide")
     return ws, engine
 
 
@@ -547,9 +537,12 @@ def summarise(per_seed: list[list[dict]]) -> dict:
     out = {"seeds": [rows[0]["seed"] for rows in per_seed], "arms": {}}
     for arm in arms:
         per = []
-        for rows in per_seed:
+        for rows in per_seed:  # an arm run on some seeds only (--combine) is summarised over those
             r0 = rows[0]
-            last = [r for r in rows if r["arm"] == arm][-1]
+            mine = [r for r in rows if r["arm"] == arm]
+            if not mine:
+                continue
+            last = mine[-1]
             per.append({"seed": r0["seed"], "round": last["round"], "objective": last["objective"],
                         "plausibility_0": r0["plausibility"], "plausibility_n": last["plausibility"],
                         "gain": last["plausibility"] - r0["plausibility"],
@@ -580,6 +573,57 @@ def summarise(per_seed: list[list[dict]]) -> dict:
                             "met": g["mean"] >= 0.15 and g["low"] > 0, "figures": figures})
     out["targets"] = targets
     return out
+
+
+# settings that may differ between the seed folders one summary combines
+_PER_RUN = {"seed", "seeds", "compare"}
+
+
+def combine(folders: list[Path], out: Path) -> dict:
+    """Summarise seed folders run apart (e.g. one process per seed, in parallel) as ``run_study`` does its own.
+
+    Each folder holds one seed's ``results.json``; they must share every setting but the seed and the
+    compared objectives (an arm run on some seeds only is summarised over those). Writes
+    ``OUT/summary.{json,txt}`` and ``OUT/results.csv`` (every seed's rows); nothing when a folder is wrong.
+    """
+    runs = []
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        try:
+            run = json.loads(path.read_text())
+            run["rows"], run["config"]  # noqa: B018  (a study's results, not any JSON)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PathloopError(f"{path}: not a loop study's results ({type(e).__name__}); expected the "
+                                "results.json of one seed's run") from None
+        if len({r.get("seed") for r in run["rows"]}) != 1:
+            raise PathloopError(f"{folder} holds several seeds' results; combine one seed's folders "
+                                "(its seed-K folders)")
+        runs.append(run)
+    if len(runs) < 2:
+        raise PathloopError(f"{len(runs)} seed folder given; combine needs 2 or more")
+    first = runs[0]["config"]
+    for folder, run in zip(folders[1:], runs[1:]):
+        differ = sorted(k for k in first.keys() | run["config"].keys()
+                        if k not in _PER_RUN and first.get(k) != run["config"].get(k))
+        if differ:
+            raise PathloopError(f"{folder} ran other settings than {folders[0]} ({', '.join(differ)}); "
+                                "expected the same study on other seeds")
+    seeds = [run["config"]["seed"] for run in runs]
+    if len(set(seeds)) < len(seeds):
+        raise PathloopError(f"seeds {seeds}: the same seed twice; expected each seed once")
+    if out.exists() and any(out.iterdir()):
+        raise PathloopError(f"{out} is not empty; the combined summary goes to a new folder (choose another --out)")
+    summary = summarise([run["rows"] for run in runs])
+    summary["folders"] = [str(f) for f in folders]
+    summary["total_s"] = sum(run["total_s"] for run in runs)
+    summary["table"] = format_summary(summary)
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([r for run in runs for r in run["rows"]]).to_csv(out / "results.csv", index=False)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "summary.txt").write_text(summary["table"] + "\n")
+    return summary
 
 
 def _joined(arm: dict, key: str, fmt: Callable[[float], str]) -> str:
@@ -654,7 +698,22 @@ def main(argv: list[str] | None = None) -> int:
     for f in fields(StudyConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=None,
                             help=f"{f.metadata['help']} (default {f.default})")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="SEED_FOLDER", help=(
+        "no run: summarise these seed folders (each one seed's --out, same settings but the seed) over seeds "
+        "into --out, e.g. after one process per seed"))
     args = parser.parse_args(argv)
+    if args.combine:
+        try:
+            summary = combine(args.combine, Path(args.out))
+        except PathloopError as e:
+            print(f"loop_study: error: {e}", file=sys.stderr)
+            return 1
+        print(summary["table"])
+        print()
+        for t in summary["targets"]:
+            print(f"{_verdict(t['met'])}  {t['target']}: {t['figures']}")
+        print(f"wrote {args.out}/summary.json, summary.txt, results.csv")
+        return 0
     given = {f.name: getattr(args, f.name) for f in fields(StudyConfig) if getattr(args, f.name) is not None}
     try:
         cfg = StudyConfig(**({**FAST, **given} if args.fast else given))

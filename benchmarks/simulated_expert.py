@@ -12,28 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pathloop.demo import write_demo_slide
+from pathloop.demo import STAIN_CLASSES, demo_workspace
 from pathloop.simulate import RULES, fit_expert
-from store.db import make_engine, upgrade
 from store.images import load_rgb
-from store.ingest import ingest_slides
 from store.rewards import real_tiles
-from store.workspace import Settings, Workspace
-
-WORKSPACES = {"ihc": ["dab_negative", "dab_positive"], "he": ["nuclei_dense", "stroma"]}
 
 
 def main() -> None:
     print("| workspace | rules | class | held-out tiles | own class plausible | shown as other class plausible |")
     print("|---|---|---|---|---|---|")
     broken_rows = []
-    for stain, classes in WORKSPACES.items():
-        root = Path(tempfile.mkdtemp())
-        tiff, geojson = write_demo_slide(root / f"{stain}.tiff", stain=stain)
-        ws = Workspace.create(root / "ws", Settings(classes=classes, tile_size=32, control_share=0.0))
-        engine = make_engine(ws.database_url)
-        upgrade(engine)
-        ingest_slides(ws, engine, [tiff], regions=geojson, stride=16, workers=1)
+    for stain, classes in STAIN_CLASSES.items():
+        ws, engine, _ = demo_workspace(Path(tempfile.mkdtemp()), stain)
         held = [t for t in real_tiles(ws, engine) if t.split != "train"]
         for rules in RULES:
             expert = fit_expert(ws, engine, rules)

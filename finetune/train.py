@@ -530,7 +530,8 @@ def finetune(ws: Workspace, engine: Engine, cfg: FinetuneConfig, reward_fn: Rewa
         if selection is not None and selection.separated():
             final.load_state_dict(selection.best)  # the best candidate's EMA weights (step 0: the parent's)
         else:  # no selection, or the fallback rule of the round-1 guard: the last step's EMA weights
-            final.load_state_dict(trained.state_dict())
+            if not cfg.lora_rank:  # (a LoRA model's deep copy holds them already)
+                final.load_state_dict(trained.state_dict())
             ema.copy_to(final.parameters())
         adapter = final if cfg.lora_rank else None
         if adapter is not None:

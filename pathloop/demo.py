@@ -2,7 +2,8 @@
 
 ``write_demo_slide`` writes a small pyramidal TIFF OpenSlide reads, plus a QuPath-style
 GeoJSON that labels tissue ``dab_positive`` / ``dab_negative`` by colour deconvolution.
-``write_large_pyramid`` writes a big slide tile by tile, for benchmarks.
+``demo_workspace`` makes a new workspace of one demo slide's tiles (the study, the expert's
+accuracy table and its tests); ``write_large_pyramid`` writes a big slide tile by tile, for benchmarks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,28 @@ from store.slides import rgb_tissue_mask
 
 CLASS_COLORS = {"dab_positive": (153, 102, 51), "dab_negative": (68, 114, 196),
                 "nuclei_dense": (72, 61, 139), "stroma": (219, 112, 147)}
-STAINS = ("ihc", "he")
+STAINS = ("ihc", "he", "he-real")
+STAIN_CLASSES = {"ihc": ["dab_negative", "dab_positive"], "he": ["nuclei_dense", "stroma"],
+                 "he-real": ["nuclei_dense", "stroma"]}
+REAL_HE = ("stardist", "data/images/histo.jpg")  # the package and the file in it
+
+
+def real_he_image() -> np.ndarray:
+    """``(300, 500, 3)`` uint8: a real H&E crop (tumour, from The Cancer Imaging Archive) that ships in
+    the ``stardist`` wheel (BSD-3) as its ``test_image_he_2d``. Read from the installed package's
+    folder without importing it (``make install`` puts in the wheel alone, ``--no-deps``: its
+    numba and csbdeep are not needed for one JPEG)."""
+    import importlib.util
+
+    from PIL import Image
+
+    package, name = REAL_HE
+    spec = importlib.util.find_spec(package)
+    path = Path(next(iter(spec.submodule_search_locations or []), "")) / name if spec else None
+    if path is None or not path.is_file():
+        raise PathloopError(f"stain 'he-real' reads the H&E image in the {package} wheel; it is not installed "
+                            f"(expected {package}/{name}; pip install --no-deps {package})")
+    return np.asarray(Image.open(path).convert("RGB"))
 SOURCE_SIZE = 512  # skimage.data.immunohistochemistry() is 512x512 RGB
 
 
@@ -125,17 +147,22 @@ def _feature(name: str, geometry: shapely.Geometry) -> dict:
 
 
 def write_demo_slide(out_tiff, stain: str = "ihc") -> tuple[Path, Path]:
-    """Write the 512x512 IHC image as a 3-level tiled TIFF and its regions beside it.
+    """Write the demo image (512x512 IHC, or a 300x500 real H&E crop) as a 3-level tiled TIFF and its
+    regions beside it.
 
     ``stain="ihc"``: as shipped, regions ``dab_positive``/``dab_negative``; ``stain="he"``:
-    recoloured to H&E (``recolour_he``), regions ``nuclei_dense``/``stroma`` (``he_masks``).
+    recoloured to H&E (``recolour_he``), regions ``nuclei_dense``/``stroma`` (``he_masks``);
+    ``stain="he-real"``: a real 300x500 H&E crop (``real_he_image``), regions by ``he_masks``.
     Returns ``(tiff path, geojson path)``; the GeoJSON has the same stem. No mpp is written
     because the source does not state one.
     """
     if stain not in STAINS:
         raise PathloopError(f"stain {stain!r}; expected one of {', '.join(STAINS)}")
     out = _check_out(out_tiff)
-    rgb = data.immunohistochemistry() if stain == "ihc" else recolour_he(data.immunohistochemistry())
+    if stain == "he-real":
+        rgb = real_he_image()
+    else:
+        rgb = data.immunohistochemistry() if stain == "ihc" else recolour_he(data.immunohistochemistry())
     masks = stain_masks(rgb) if stain == "ihc" else he_masks(rgb)
 
     def write_tiff(tmp: Path) -> None:
@@ -157,6 +184,26 @@ def write_demo_slide(out_tiff, stain: str = "ihc") -> tuple[Path, Path]:
         geojson, lambda tmp: tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     )
     return out, geojson
+
+
+def demo_workspace(root, stain: str = "ihc", tile_size: int = 32, **settings):
+    """A new workspace in ``root/workspace`` of the demo slide's tiles (written to ``root/slides``),
+    half-tile stride, classes ``STAIN_CLASSES[stain]``, no control tiles; ``settings``: further
+    ``Settings`` fields. Returns ``(workspace, engine, tiles added)``; the caller disposes of the engine.
+    """
+    from store.db import make_engine, upgrade
+    from store.ingest import ingest_slides
+    from store.workspace import Settings, Workspace
+
+    root = Path(root)
+    (root / "slides").mkdir(parents=True, exist_ok=True)
+    tiff, geojson = write_demo_slide(root / "slides" / f"{stain}.tiff", stain=stain)
+    ws = Workspace.create(root / "workspace", Settings(classes=STAIN_CLASSES[stain], tile_size=tile_size,
+                                                       **{"control_share": 0.0, **settings}))
+    engine = make_engine(ws.database_url)
+    upgrade(engine)
+    report = ingest_slides(ws, engine, [tiff], regions=geojson, stride=tile_size // 2, workers=1)
+    return ws, engine, sum(r.tiles_added for r in report)
 
 
 def _dihedral(rgb: np.ndarray, k: int) -> np.ndarray:

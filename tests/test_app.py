@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from rating_workspace import PASSWORDS, add_controls, build_workspace, judgments
 from sqlalchemy.exc import OperationalError
-from sqlmodel import Session
+from sqlmodel import Session, select
 from streamlit.testing.v1 import AppTest
 
 from annotate_app import launch
 from store import accounts, agreement, queue
 from store.errors import PathloopError
-from store.models import Evaluation
+from store.models import Annotator, Evaluation
 from store.workspace import DEFAULT_CRITERIA, Settings, Workspace
 
 APP = Path(__file__).resolve().parents[1] / "annotate_app" / "app.py"
@@ -309,9 +309,17 @@ def test_sign_in_through_identity_provider(rating_ws):
 
 def test_sign_in_slows_down_after_repeated_failures(rating_ws):
     _, engine = rating_ws
-    for _ in range(accounts.FREE_FAILURES + 1):
-        with pytest.raises(PathloopError):
+    for _ in range(accounts.FREE_FAILURES):
+        with pytest.raises(PathloopError, match="wrong"):
             accounts.authenticate(engine, "alice", "guess-1234", sleep=lambda _s: None)
+    with pytest.raises(PathloopError, match="too many failed sign-ins for alice"):
+        accounts.authenticate(engine, "alice", "guess-1234", sleep=lambda _s: None)
+    # eight more failures, each after its wait: the next wait is 2**8 s, longer than any slow start below
+    with Session(engine) as s:
+        alice = s.exec(select(Annotator).where(Annotator.username == "alice")).one()
+        alice.failed_logins += 8
+        s.add(alice)
+        s.commit()
     at = sign_in(start(), "alice")  # even the right password waits now
     assert "too many failed sign-ins for alice" in at.error[0].value
     assert "annotator_id" not in at.session_state

@@ -139,3 +139,46 @@ def test_the_study_refuses_a_folder_that_is_not_empty(tmp_path):
     assert bad.returncode == 1 and not (tmp_path / "new").exists()
     assert bad.stderr.strip().splitlines() == [
         "loop_study: error: unknown generator preset 'huge'; expected one of: tiny, small, base"]
+
+
+def test_combine_summarises_seed_folders_run_apart_and_refuses_mismatched_ones(tmp_path):
+    out = tmp_path / "study"
+    p = run("--fast", "--seeds", 2, "--out", out, timeout=1500)
+    assert p.returncode == 0, p.stderr[-3000:]
+    whole = json.loads((out / "summary.json").read_text())
+    seeds = [out / "seed-0", out / "seed-1"]
+
+    c = run("--combine", *seeds, "--out", tmp_path / "combined")
+    assert c.returncode == 0, c.stderr[-3000:]
+    combined = json.loads((tmp_path / "combined" / "summary.json").read_text())
+    assert combined["seeds"] == [0, 1] and combined["arms"].keys() == whole["arms"].keys()
+    for arm, a in whole["arms"].items():  # the same summary as the run that made both seeds
+        assert combined["arms"][arm]["gain"] == pytest.approx(a["gain"])
+    assert len(pd.read_csv(tmp_path / "combined" / "results.csv")) == 2 * 3
+    assert "over 2 seeds" in c.stdout
+
+    # an arm run on one seed only is summarised over that seed, without an interval
+    rows = loop_study.summarise([
+        json.loads((seeds[0] / "results.json").read_text())["rows"],
+        [r for r in json.loads((seeds[1] / "results.json").read_text())["rows"] if r["arm"] != "control"]])
+    assert [e["seed"] for e in rows["arms"]["control"]["per_seed"]] == [0]
+    assert rows["arms"]["control"]["gain"]["low"] is None
+
+    # bad input: one line, exit 1, nothing written
+    settings = json.loads((seeds[1] / "results.json").read_text())
+    settings["config"]["slide"] = "he"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps(settings))
+    for args, message in [
+        ((seeds[0], other), f"loop_study: error: {other} ran other settings than {seeds[0]} (slide); expected the "
+                            "same study on other seeds"),
+        ((seeds[0], tmp_path / "nowhere"), f"loop_study: error: {tmp_path / 'nowhere' / 'results.json'}: not a "
+                                           "loop study's results (FileNotFoundError); expected the results.json "
+                                           "of one seed's run"),
+        ((seeds[0], seeds[0]), "loop_study: error: seeds [0, 0]: the same seed twice; expected each seed once"),
+        ((out, seeds[0]), f"loop_study: error: {out} holds several seeds' results; combine one seed's folders "
+                          "(its seed-K folders)")]:
+        bad = run("--combine", *args, "--out", tmp_path / "bad")
+        assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [message]
+        assert not (tmp_path / "bad").exists()

@@ -15,15 +15,22 @@ from store import export, turing_results
 FORMATS = {"csv": "text/csv", "parquet": "application/vnd.apache.parquet", "jsonl": "application/x-ndjson"}
 
 ws, engine, user = context.require_admin()
+
+
+def or_stop(read, message: str):
+    """``read()``'s result, or ``message`` and the reason on one line and the page stops (database down)."""
+    try:
+        return read()
+    except context.DB_ERRORS as e:
+        st.error(f"{message}: {context.one_line(e)}")
+        st.stop()
+
+
 st.title("Export judgments")
 st.write("One row per judgment (undos and edits included, with what they supersede): annotator, "
          "verdict, reasons, comment, seconds, timestamps, and the item's provenance. "
          "The same file as `pathloop export judgments`.")
-try:
-    frame = export.judgments_frame(engine)
-except context.DB_ERRORS as e:
-    st.error(f"The database is not available: {context.one_line(e)}")
-    st.stop()
+frame = or_stop(lambda: export.judgments_frame(engine), "The database is not available")
 st.caption(f"{len(frame)} judgments; the latest 20 below.")
 st.dataframe(frame.tail(20), hide_index=True)
 
@@ -44,11 +51,7 @@ def file_bytes(url: str, what: str, fmt: str, rows: int) -> bytes:
 
 
 def download(what: str, rows: int) -> None:
-    try:
-        data = file_bytes(ws.database_url, what, fmt, rows)
-    except context.DB_ERRORS as e:
-        st.error(f"The export failed: {context.one_line(e)}")
-        st.stop()
+    data = or_stop(lambda: file_bytes(ws.database_url, what, fmt, rows), "The export failed")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     st.download_button(f"Download {fmt.upper()}", data, file_name=f"{what}-{stamp}.{fmt}",
                        mime=FORMATS[fmt], type="primary", on_click="ignore", key=f"download-{what}")
@@ -62,11 +65,7 @@ else:
 st.header("Visual Turing test answers")
 st.write("One row per answer (undos included): campaign, item source (real or synthetic), generator version, "
          "class, rater, answer, confidence, seconds and time. The same file as `pathloop export turing`.")
-try:
-    answers = turing_results.answers_frame(engine)
-except context.DB_ERRORS as e:
-    st.error(f"The database is not available: {context.one_line(e)}")
-    st.stop()
+answers = or_stop(lambda: turing_results.answers_frame(engine), "The database is not available")
 if answers.empty:
     st.info("No Turing test answers yet.")
 else:
