@@ -111,8 +111,9 @@ class StudyConfig:
     utility_epochs: int = field(default=30, metadata={"help": "epochs of the downstream-utility classifiers"})
     seed: int = field(default=0, metadata={"help": "base seed of everything"})
     slide: str = field(default="ihc", metadata={
-        "help": "the workspace's slide: ihc (the demo slide, dab_negative/dab_positive) or he (the same tissue "
-                "recoloured as H&E, nuclei_dense/stroma; see pathloop demo-slide --stain he)"})
+        "help": "the workspace's slide: ihc (the demo slide, dab_negative/dab_positive), he (the same tissue "
+                "recoloured as H&E, nuclei_dense/stroma; see pathloop demo-slide --stain he) or he-real (a real "
+                "300x500 H&E crop, nuclei_dense/stroma)"})
     expert_rules: str = field(default="stain", metadata={
         "help": "the simulated expert's rules: stain (stain-agnostic) or ihc-legacy (the IHC demo's own)"})
     seeds: int = field(default=1, metadata={
