@@ -352,13 +352,7 @@ def test_preference_objective_learns_from_pairs_and_records_them(ft_ws):
     assert 0 <= c["final_pair_accuracy"] <= 1 and "final_mean_weight" not in c
     assert c["final_loss"] == pytest.approx(c["final_loss_synthetic"] + 0.1 * c["final_loss_real"], rel=1e-5)
     # resumed from a checkpoint, the same weights: the frozen reference is the parent again
-    kw = dict(parent_id=parent.id, reward_id=None, progress=False)
-    pref = dict(objective="preference", preference_beta=50.0, train_steps=4, checkpoint_every=2)
-    straight = finetune(ws, engine, tiny(run_name="p1", **pref), redness, **kw)
-    assert finetune(ws, engine, tiny(run_name="p2", **pref), redness, stop_after=2, **kw) is None
-    resumed = finetune(ws, engine, tiny(run_name="p2", **pref), redness, resume="latest", **kw)
-    a, b = unet_weights(ws, straight), unet_weights(ws, resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumes_to_the_same_weights(ws, engine, parent, "p", objective="preference")
 
 
 def test_kto_objective_learns_from_unpaired_verdicts_and_records_them(ft_ws):
@@ -375,13 +369,7 @@ def test_kto_objective_learns_from_unpaired_verdicts_and_records_them(ft_ws):
                     everything_blue, parent_id=parent.id, reward_id=None, progress=False)
     assert weak.config["kto"]["plausible"] == 0 and weak.config["kto"]["implausible"] == 16
     # resumed from a checkpoint, the same weights: the frozen reference is the parent again
-    kw = dict(parent_id=parent.id, reward_id=None, progress=False)
-    opts = dict(objective="kto", preference_beta=50.0, train_steps=4, checkpoint_every=2)
-    straight = finetune(ws, engine, tiny(run_name="k1", **opts), redness, **kw)
-    assert finetune(ws, engine, tiny(run_name="k2", **opts), redness, stop_after=2, **kw) is None
-    resumed = finetune(ws, engine, tiny(run_name="k2", **opts), redness, resume="latest", **kw)
-    a, b = unet_weights(ws, straight), unet_weights(ws, resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumes_to_the_same_weights(ws, engine, parent, "k", objective="kto")
 
 
 def test_preference_objective_needs_both_kinds_in_one_class(ft_ws):
@@ -645,3 +633,14 @@ def test_data_workers_change_nothing_but_speed(ft_ws, objective):
     a, b = unet_weights(ws, here), unet_weights(ws, ahead)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert here.config["train_tiles"] == ahead.config["train_tiles"] > 0
+
+
+def resumes_to_the_same_weights(ws, engine, parent, prefix: str, **opts) -> None:
+    """4 steps straight, and 2 steps stopped then resumed from the checkpoint, give equal weights."""
+    kw = dict(parent_id=parent.id, reward_id=None, progress=False)
+    opts = dict(preference_beta=50.0, train_steps=4, checkpoint_every=2, **opts)
+    straight = finetune(ws, engine, tiny(run_name=f"{prefix}1", **opts), redness, **kw)
+    assert finetune(ws, engine, tiny(run_name=f"{prefix}2", **opts), redness, stop_after=2, **kw) is None
+    resumed = finetune(ws, engine, tiny(run_name=f"{prefix}2", **opts), redness, resume="latest", **kw)
+    a, b = unet_weights(ws, straight), unet_weights(ws, resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
