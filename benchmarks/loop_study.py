@@ -7,8 +7,9 @@ a freshly pretrained generator (round 0), two arms run the same number of optimi
   per class, the simulated expert (``pathloop/simulate.py``) rates ``rate`` of them through
   the queue, a reward model is trained on its judgments, the generator is fine-tuned on its
   rated tiles (``--objective preference``, the default: Diffusion-DPO pairs of a plausible and
-  an implausible tile, with the real-tile term at ``--beta 300``; or ``weighted``:
-  reward-weighted denoising), the child being the best of its checkpoints by the round's
+  an implausible tile, with the real-tile term at ``--beta 300``; ``kto``: Diffusion-KTO on each
+  tile's verdict, also at ``--beta``; or ``weighted``: reward-weighted denoising, its real-tile
+  term at ``--weighted-beta 0.3``), the child being the best of its checkpoints by the round's
   reward model (``--select-every 25``: the parent included, so a round that only makes
   things worse keeps the parent), and the round evaluates parent and child;
 - **control**: the same fine-tuning loop, optimizer, learning rate, batches and steps with
@@ -90,7 +91,11 @@ class StudyConfig:
     finetune_lr_schedule: str = field(default="cosine", metadata={"help": "constant or cosine (to 0), both arms"})
     finetune_batch_size: int = field(default=16, metadata={"help": "synthetic (and as many real) tiles per step"})
     beta: float = field(default=300.0, metadata={
-        "help": "weight of the real-tile term, both arms (the preference term's gradient is ~1000x a denoising one)"})
+        "help": "weight of the real-tile term of a preference or KTO loop arm and of the control (their pair and "
+                "verdict terms' gradients are ~1000x a denoising one)"})
+    weighted_beta: float = field(default=0.3, metadata={
+        "help": "weight of the real-tile term of a weighted loop arm (pathloop finetune's own default: at the "
+                "others' 300 its reward-weighted term is 1/300 of the loss and the arm is the control)"})
     weighting: str = field(default="binary", metadata={"help": "loop arm's sample weights: reward, binary, normalized"})
     objective: str = field(default="preference", metadata={
         "help": "loop arm's objective: weighted (reward-weighted likelihood), preference (Diffusion-DPO on pairs) or "
@@ -185,7 +190,8 @@ def round_options(cfg: StudyConfig):
                         reward_min_samples=min(20, cfg.rate), min_ratings=1, finetune_steps=cfg.finetune_steps,
                         finetune_lr=cfg.finetune_lr, finetune_lr_schedule=cfg.finetune_lr_schedule,
                         finetune_batch_size=cfg.finetune_batch_size,
-                        finetune_checkpoint_every=cfg.finetune_steps, beta=cfg.beta, weighting=cfg.weighting,
+                        finetune_checkpoint_every=cfg.finetune_steps,
+                        beta=cfg.weighted_beta if cfg.objective == "weighted" else cfg.beta, weighting=cfg.weighting,
                         objective=cfg.objective, preference_beta=cfg.preference_beta,
                         select_every=cfg.select_every, select_per_class=cfg.select_per_class,
                         select_steps=cfg.select_steps, select_patience=cfg.select_patience,

@@ -182,3 +182,14 @@ def test_combine_summarises_seed_folders_run_apart_and_refuses_mismatched_ones(t
         bad = run("--combine", *args, "--out", tmp_path / "bad")
         assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [message]
         assert not (tmp_path / "bad").exists()
+
+
+def test_each_objective_gets_its_own_real_tile_weight():
+    # the pair and verdict terms carry a factor ~kappa/4 that a denoising error does not: at their beta 300 a
+    # weighted arm's reward-weighted term would be 1/300 of its loss, the control with extra steps
+    cfg = loop_study.StudyConfig(compare="kto,weighted")
+    assert loop_study.round_options(cfg).beta == 300.0
+    assert loop_study.round_options(loop_study.replace(cfg, objective="kto", compare="")).beta == 300.0
+    weighted = loop_study.round_options(loop_study.replace(cfg, objective="weighted", compare=""))
+    assert weighted.beta == 0.3 and weighted.objective == "weighted"
+    assert loop_study.round_options(loop_study.StudyConfig(weighted_beta=2.0, objective="weighted")).beta == 2.0
