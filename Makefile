@@ -33,9 +33,10 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	@$(call PIP,$(TORCH))
 	@$(call PIP,-e '.[$(EXTRAS)]')
-	@# A real H&E image for `demo-slide --stain he-real`: the JPEG in stardist's wheel, without its
-	@# dependencies (numba, csbdeep), which pathloop does not use.
-	@$(call PIP,--no-deps stardist==0.9.2)
+	@# Real H&E images for `demo-slide --stain he-real` and `--stain he-tia`: the JPEG in stardist's
+	@# wheel and the PNG in tiatoolbox's, each without its dependencies (numba, csbdeep; tiatoolbox
+	@# pins an older torch), which pathloop does not use: it reads the image file, never imports them.
+	@$(call PIP,--no-deps stardist==0.9.2 tiatoolbox==2.1.3)
 	touch $(STAMP)
 
 install: $(STAMP)

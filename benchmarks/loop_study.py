@@ -117,8 +117,9 @@ class StudyConfig:
     seed: int = field(default=0, metadata={"help": "base seed of everything"})
     slide: str = field(default="ihc", metadata={
         "help": "the workspace's slide: ihc (the demo slide, dab_negative/dab_positive), he (the same tissue "
-                "recoloured as H&E, nuclei_dense/stroma; see pathloop demo-slide --stain he) or he-real (a real "
-                "300x500 H&E crop, nuclei_dense/stroma)"})
+                "recoloured as H&E, nuclei_dense/stroma; see pathloop demo-slide --stain he), he-real (a real "
+                "300x500 H&E crop) or he-tia (a real 1000x1000 H&E field, tiled at level 1), both "
+                "nuclei_dense/stroma"})
     expert_rules: str = field(default="stain", metadata={
         "help": "the simulated expert's rules: stain (stain-agnostic) or ihc-legacy (the IHC demo's own)"})
     seeds: int = field(default=1, metadata={

@@ -726,11 +726,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write scikit-image's immunohistochemistry image as a tiled pyramidal TIFF "
                                    "that OpenSlide opens, and OUT.geojson classing its tissue by DAB stain.")
     p.add_argument("out", metavar="OUT.tiff")
-    p.add_argument("--stain", choices=["ihc", "he", "he-real"], default="ihc",
+    p.add_argument("--stain", choices=["ihc", "he", "he-real", "he-tia"], default="ihc",
                    help="ihc: the image as shipped (dab_positive/dab_negative); he: recoloured to H&E by colour "
                         "deconvolution (nuclei_dense/stroma) - real morphology, not a real H&E stain; he-real: a "
-                        "real 300x500 H&E crop that ships in the stardist wheel (nuclei_dense/stroma by "
-                        "haematoxylin density)")
+                        "real 300x500 H&E crop that ships in the stardist wheel; he-tia: a real 1000x1000 H&E "
+                        "field that ships in the tiatoolbox wheel (both nuclei_dense/stroma by haematoxylin "
+                        "density)")
     p.set_defaults(func=cmd_demo_slide)
 
     p = sub.add_parser("ingest", help="tile whole-slide images into the workspace", parents=[ws],

@@ -25,28 +25,39 @@ from store.slides import rgb_tissue_mask
 
 CLASS_COLORS = {"dab_positive": (153, 102, 51), "dab_negative": (68, 114, 196),
                 "nuclei_dense": (72, 61, 139), "stroma": (219, 112, 147)}
-STAINS = ("ihc", "he", "he-real")
+STAINS = ("ihc", "he", "he-real", "he-tia")
 STAIN_CLASSES = {"ihc": ["dab_negative", "dab_positive"], "he": ["nuclei_dense", "stroma"],
-                 "he-real": ["nuclei_dense", "stroma"]}
-REAL_HE = ("stardist", "data/images/histo.jpg")  # the package and the file in it
+                 "he-real": ["nuclei_dense", "stroma"], "he-tia": ["nuclei_dense", "stroma"]}
+# Real H&E images that ship inside pip wheels, read from the installed package's folder without
+# importing it (``make install`` puts in each wheel alone, ``--no-deps``: their own dependencies -
+# numba, csbdeep; tiatoolbox's pinned torch - are not needed for one image). stain -> (package, file).
+REAL_HE = {
+    # 300x500 px tumour crop from The Cancer Imaging Archive: stardist's test_image_he_2d (BSD-3)
+    "he-real": ("stardist", "data/images/histo.jpg"),
+    # 1000x1000 px carcinoma field: TIAToolbox's stain-normalisation target, stain_norm_target() (BSD-3)
+    "he-tia": ("tiatoolbox", "data/target_image.png"),
+}
+# he-tia's nuclei are about twice the other images' size in pixels: its demo workspace tiles pyramid
+# level 1, and its regions smooth haematoxylin over 16 px, not 4 (see he_masks)
+INGEST_LEVEL = {"he-tia": 1}
+REGION_SIGMA = {"he-tia": 16.0}
 
 
-def real_he_image() -> np.ndarray:
-    """``(300, 500, 3)`` uint8: a real H&E crop (tumour, from The Cancer Imaging Archive) that ships in
-    the ``stardist`` wheel (BSD-3) as its ``test_image_he_2d``. Read from the installed package's
-    folder without importing it (``make install`` puts in the wheel alone, ``--no-deps``: its
-    numba and csbdeep are not needed for one JPEG)."""
+def real_he_image(stain: str = "he-real") -> np.ndarray:
+    """``(H, W, 3)`` uint8: the real H&E image of ``stain`` (``REAL_HE``), read from its installed wheel."""
     import importlib.util
 
     from PIL import Image
 
-    package, name = REAL_HE
+    package, name = REAL_HE[stain]
     spec = importlib.util.find_spec(package)
     path = Path(next(iter(spec.submodule_search_locations or []), "")) / name if spec else None
     if path is None or not path.is_file():
-        raise PathloopError(f"stain 'he-real' reads the H&E image in the {package} wheel; it is not installed "
+        raise PathloopError(f"stain {stain!r} reads the H&E image in the {package} wheel; it is not installed "
                             f"(expected {package}/{name}; pip install --no-deps {package})")
     return np.asarray(Image.open(path).convert("RGB"))
+
+
 SOURCE_SIZE = 512  # skimage.data.immunohistochemistry() is 512x512 RGB
 
 
@@ -105,11 +116,12 @@ def recolour_he(rgb: np.ndarray) -> np.ndarray:
     return np.round(np.clip(color.hed2rgb(he), 0, 1) * 255).astype(np.uint8)
 
 
-def he_masks(rgb: np.ndarray) -> dict[str, np.ndarray]:
+def he_masks(rgb: np.ndarray, sigma: float = 4.0) -> dict[str, np.ndarray]:
     """``(H, W)`` bool masks of nuclei-dense tissue and stroma in an ``(H, W, 3)`` H&E image: smoothed
-    haematoxylin (σ = 4 px) above its Otsu threshold over tissue is nuclei-dense, the rest stroma."""
+    haematoxylin (σ = ``sigma`` px, a few nuclei wide, so that classes are regions, not single nuclei)
+    above its Otsu threshold over tissue is nuclei-dense, the rest stroma."""
     tissue = rgb_tissue_mask(rgb)
-    haem = filters.gaussian(color.rgb2hed(rgb)[..., 0], sigma=4)
+    haem = filters.gaussian(color.rgb2hed(rgb)[..., 0], sigma=sigma)
     dense = tissue & (haem > filters.threshold_otsu(haem[tissue]))
     return {"nuclei_dense": dense, "stroma": tissue & ~dense}
 
@@ -147,23 +159,24 @@ def _feature(name: str, geometry: shapely.Geometry) -> dict:
 
 
 def write_demo_slide(out_tiff, stain: str = "ihc") -> tuple[Path, Path]:
-    """Write the demo image (512x512 IHC, or a 300x500 real H&E crop) as a 3-level tiled TIFF and its
-    regions beside it.
+    """Write the demo image (512x512 IHC, or a real H&E image) as a 3-level tiled TIFF and its regions
+    beside it.
 
     ``stain="ihc"``: as shipped, regions ``dab_positive``/``dab_negative``; ``stain="he"``:
     recoloured to H&E (``recolour_he``), regions ``nuclei_dense``/``stroma`` (``he_masks``);
-    ``stain="he-real"``: a real 300x500 H&E crop (``real_he_image``), regions by ``he_masks``.
+    ``stain="he-real"`` (a real 300x500 H&E crop) or ``"he-tia"`` (a real 1000x1000 H&E field): the
+    image in its wheel (``real_he_image``), regions by ``he_masks``.
     Returns ``(tiff path, geojson path)``; the GeoJSON has the same stem. No mpp is written
     because the source does not state one.
     """
     if stain not in STAINS:
         raise PathloopError(f"stain {stain!r}; expected one of {', '.join(STAINS)}")
     out = _check_out(out_tiff)
-    if stain == "he-real":
-        rgb = real_he_image()
+    if stain in REAL_HE:
+        rgb = real_he_image(stain)
     else:
         rgb = data.immunohistochemistry() if stain == "ihc" else recolour_he(data.immunohistochemistry())
-    masks = stain_masks(rgb) if stain == "ihc" else he_masks(rgb)
+    masks = stain_masks(rgb) if stain == "ihc" else he_masks(rgb, REGION_SIGMA.get(stain, 4.0))
 
     def write_tiff(tmp: Path) -> None:
         with tifffile.TiffWriter(tmp) as tif:
@@ -188,7 +201,8 @@ def write_demo_slide(out_tiff, stain: str = "ihc") -> tuple[Path, Path]:
 
 def demo_workspace(root, stain: str = "ihc", tile_size: int = 32, **settings):
     """A new workspace in ``root/workspace`` of the demo slide's tiles (written to ``root/slides``),
-    half-tile stride, classes ``STAIN_CLASSES[stain]``, no control tiles; ``settings``: further
+    half-tile stride at level ``INGEST_LEVEL`` (0 unless named), classes ``STAIN_CLASSES[stain]``, no
+    control tiles; ``settings``: further
     ``Settings`` fields. Returns ``(workspace, engine, tiles added)``; the caller disposes of the engine.
     """
     from store.db import make_engine, upgrade
@@ -202,7 +216,8 @@ def demo_workspace(root, stain: str = "ihc", tile_size: int = 32, **settings):
                                                        **{"control_share": 0.0, **settings}))
     engine = make_engine(ws.database_url)
     upgrade(engine)
-    report = ingest_slides(ws, engine, [tiff], regions=geojson, stride=tile_size // 2, workers=1)
+    report = ingest_slides(ws, engine, [tiff], regions=geojson, stride=tile_size // 2, workers=1,
+                           level=INGEST_LEVEL.get(stain, 0))
     return ws, engine, sum(r.tiles_added for r in report)
 
 

@@ -1,14 +1,16 @@
-"""The stain-agnostic simulated expert on the IHC demo, the recoloured H&E workspace and a real H&E
-crop (stardist's test image)."""
+"""The stain-agnostic simulated expert on the IHC demo, the recoloured H&E workspace and two real H&E
+images (stardist's test crop, TIAToolbox's stain-normalisation target)."""
 
 import numpy as np
 import pytest
+from sqlmodel import Session, select
 
-from pathloop.demo import STAIN_CLASSES, demo_workspace
+from pathloop.demo import INGEST_LEVEL, STAIN_CLASSES, demo_workspace
 from pathloop.macenko import concentrations, macenko_matrix
 from pathloop.simulate import StainExpert, fit_expert
 from store.errors import PathloopError
 from store.images import load_rgb
+from store.models import Tile
 from store.rewards import real_tiles
 
 
@@ -17,7 +19,7 @@ def fitted(request, tmp_path_factory):
     stain, classes = request.param, STAIN_CLASSES[request.param]
     ws, engine, _ = demo_workspace(tmp_path_factory.mktemp(stain), stain)
     held_out = [t for t in real_tiles(ws, engine) if t.split != "train"]
-    yield classes, fit_expert(ws, engine), held_out, stain
+    yield classes, fit_expert(ws, engine), held_out, stain, engine
     engine.dispose()
 
 
@@ -34,13 +36,16 @@ def test_macenko_recovers_hand_made_stains():
 
 # per workspace: held-out tiles per class at least, own class plausible at least, shown as the other
 # class plausible at most. The real H&E crop is 300x500 px: 62 held-out tiles in all, 19 of them
-# nuclei-dense (measured 14 of 19 plausible as their own class, 3 of 19 as stroma).
-BOUNDS = {"ihc": (50, 0.8, 0.3), "he": (50, 0.8, 0.3), "he-real": (15, 0.7, 0.3)}
+# nuclei-dense (measured 14 of 19 plausible as their own class, 3 of 19 as stroma). The 1000x1000 real
+# H&E field, tiled at level 1, holds 153 and 92 (measured 0.974 / 0.059 and 0.924 / 0.109).
+BOUNDS = {"ihc": (50, 0.8, 0.3), "he": (50, 0.8, 0.3), "he-real": (15, 0.7, 0.3), "he-tia": (50, 0.8, 0.3)}
 
 
 def test_own_class_plausible_wrong_class_and_broken_tiles_implausible(fitted):
-    classes, expert, held_out, stain = fitted
+    classes, expert, held_out, stain, engine = fitted
     assert isinstance(expert, StainExpert)
+    with Session(engine) as s:  # he-tia, whose nuclei are twice as many pixels, is tiled at level 1
+        assert set(s.exec(select(Tile.level).distinct()).all()) == {INGEST_LEVEL.get(stain, 0)}
     least, own_at_least, swapped_at_most = BOUNDS[stain]
     for c in classes:
         tiles = [load_rgb(t.path, 32) for t in held_out if t.class_name == c]
@@ -66,24 +71,29 @@ def test_too_few_tiles_and_unknown_rules():
         fit_expert(None, None, rules="x")
 
 
-def test_the_real_he_crop_is_a_pyramid_openslide_reads_and_its_absence_is_one_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stain, size", [("he-real", (500, 300)), ("he-tia", (1000, 1000))])
+def test_the_real_he_images_are_pyramids_openslide_reads_and_their_absence_is_one_line(tmp_path, monkeypatch,
+                                                                                       stain, size):
     import openslide
 
     from pathloop import demo
 
-    tiff, geojson = demo.write_demo_slide(tmp_path / "real.tiff", stain="he-real")
+    tiff, geojson = demo.write_demo_slide(tmp_path / "real.tiff", stain=stain)
     with openslide.OpenSlide(str(tiff)) as slide:
-        assert slide.level_count == 3 and slide.dimensions == (500, 300)
-        region = np.asarray(slide.read_region((0, 0), 0, (500, 300)).convert("RGB"))
-    # the JPEG's own pixels, losslessly stored (zlib): H&E, haematoxylin-blue nuclei on eosin-pink
-    assert np.array_equal(region, demo.real_he_image())
+        assert slide.level_count == 3 and slide.dimensions == size
+        assert slide.level_dimensions[1] == (size[0] // 2, size[1] // 2)
+        region = np.asarray(slide.read_region((0, 0), 0, size).convert("RGB"))
+    # the wheel's own pixels, losslessly stored (zlib): H&E, haematoxylin-blue nuclei on eosin-pink
+    assert np.array_equal(region, demo.real_he_image(stain))
     assert region[..., 0].mean() > region[..., 1].mean() and region[..., 2].mean() > region[..., 1].mean()
     assert geojson.is_file()
 
-    monkeypatch.setattr(demo, "REAL_HE", ("no_such_package_here", "data/images/histo.jpg"))
+    package, name = demo.REAL_HE[stain]
+    monkeypatch.setitem(demo.REAL_HE, stain, ("no_such_package_here", name))
     with pytest.raises(PathloopError) as e:
-        demo.write_demo_slide(tmp_path / "missing.tiff", stain="he-real")
-    assert str(e.value) == ("stain 'he-real' reads the H&E image in the no_such_package_here wheel; it is not "
-                            "installed (expected no_such_package_here/data/images/histo.jpg; pip install --no-deps "
+        demo.write_demo_slide(tmp_path / "missing.tiff", stain=stain)
+    assert str(e.value) == (f"stain {stain!r} reads the H&E image in the no_such_package_here wheel; it is not "
+                            f"installed (expected no_such_package_here/{name}; pip install --no-deps "
                             "no_such_package_here)")
     assert not list(tmp_path.glob("missing*"))
+
