@@ -34,7 +34,7 @@ STAIN_CLASSES = {"ihc": ["dab_negative", "dab_positive"], "he": ["nuclei_dense",
 REAL_HE = {
     # 300x500 px tumour crop from The Cancer Imaging Archive: stardist's test_image_he_2d (BSD-3)
     "he-real": ("stardist", "data/images/histo.jpg"),
-    # 1000x1000 px carcinoma field: TIAToolbox's stain-normalisation target, stain_norm_target() (BSD-3)
+    # 1000x1000 px tumour field: TIAToolbox's stain-normalisation target, stain_norm_target() (BSD-3)
     "he-tia": ("tiatoolbox", "data/target_image.png"),
 }
 # he-tia's nuclei are about twice the other images' size in pixels: its demo workspace tiles pyramid
