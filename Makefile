@@ -24,7 +24,7 @@ STAMP := $(VENV)/.installed
 STUDY ?= study
 STUDY_ARGS ?=
 
-.PHONY: demo demo-he bench-expert test install lint study study-ihc study-he study-seeds study-seeds-ihc study-seeds-he bench-ingest bench-loader bench-generator bench-queue bench-reward bench-finetune clean-demo
+.PHONY: demo demo-he bench-expert test install lint study study-seeds $(STUDY_TARGETS) bench-ingest bench-loader bench-generator bench-queue bench-reward bench-finetune clean-demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -93,23 +93,27 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check store annotate_app reward finetune pathloop tests benchmarks
 
-# The loop study (benchmarks/loop_study.py): loop vs control from a fresh generator, on the IHC demo
-# slide and on its H&E recolouring, one seed each at 2 rounds; results in $(STUDY)/ihc and
-# $(STUDY)/he. The two slides run side by side, one process and STUDY_THREADS torch threads each
-# (so each slide has a core of its own on a 2-core machine). study-seeds: three seeds each, with
-# the gain's interval over seeds. STUDY_ARGS="--compare kto,weighted" etc. to change them; the
-# README's "The loop study" has the measured times.
+# The loop study (benchmarks/loop_study.py): loop vs control from a fresh generator, one seed each at
+# 2 rounds on the IHC demo slide and on the real H&E field (he-tia); results in $(STUDY)/<slide>.
+# The two slides run side by side, one process and STUDY_THREADS torch threads each (so each slide
+# has a core of its own on a 2-core machine). study-seeds: three seeds each, with the gain's
+# interval over seeds. STUDY_SLIDES="ihc he" for the recoloured H&E instead (any of ihc, he,
+# he-real, he-tia; study-<slide> and study-seeds-<slide> run one), STUDY_ARGS="--compare
+# kto,weighted" etc. for other settings; the README's "The loop study" has the measured times.
+STUDY_SLIDES ?= ihc he-tia
 STUDY_SETTINGS := --rounds 2 --eval-per-class 48
 STUDY_THREADS ?= 1
 STUDY_RUN = OMP_NUM_THREADS=$(STUDY_THREADS) MKL_NUM_THREADS=$(STUDY_THREADS) $(PY) benchmarks/loop_study.py
+STUDY_ALL := ihc he he-real he-tia
+STUDY_TARGETS := $(STUDY_ALL:%=study-%) $(STUDY_ALL:%=study-seeds-%)
 study: $(STAMP)
-	$(MAKE) -j2 --output-sync=target study-ihc study-he
-study-ihc study-he: $(STAMP)
+	$(MAKE) -j2 --output-sync=target $(STUDY_SLIDES:%=study-%)
+$(STUDY_ALL:%=study-%): $(STAMP)
 	$(STUDY_RUN) --slide $(@:study-%=%) --out $(STUDY)/$(@:study-%=%) $(STUDY_SETTINGS) $(STUDY_ARGS)
 
 study-seeds: $(STAMP)
-	$(MAKE) -j2 --output-sync=target study-seeds-ihc study-seeds-he
-study-seeds-ihc study-seeds-he: $(STAMP)
+	$(MAKE) -j2 --output-sync=target $(STUDY_SLIDES:%=study-seeds-%)
+$(STUDY_ALL:%=study-seeds-%): $(STAMP)
 	$(STUDY_RUN) --slide $(@:study-seeds-%=%) --seeds 3 --out $(STUDY)/$(@:study-seeds-%=%)-seeds \
 		$(STUDY_SETTINGS) $(STUDY_ARGS)
 
