@@ -25,9 +25,9 @@ from store.slides import rgb_tissue_mask
 
 CLASS_COLORS = {"dab_positive": (153, 102, 51), "dab_negative": (68, 114, 196),
                 "nuclei_dense": (72, 61, 139), "stroma": (219, 112, 147)}
-STAINS = ("ihc", "he", "he-real", "he-tia")
 STAIN_CLASSES = {"ihc": ["dab_negative", "dab_positive"], "he": ["nuclei_dense", "stroma"],
                  "he-real": ["nuclei_dense", "stroma"], "he-tia": ["nuclei_dense", "stroma"]}
+STAINS = tuple(STAIN_CLASSES)
 # Real H&E images that ship inside pip wheels, read from the installed package's folder without
 # importing it (``make install`` puts in each wheel alone, ``--no-deps``: their own dependencies -
 # numba, csbdeep; tiatoolbox's pinned torch - are not needed for one image). stain -> (package, file).
